@@ -1,0 +1,35 @@
+"""`gallerymatch status`: tables, versions and the counts of the contract."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from lance_tables.store import Gallery
+from pipelines.settings import Settings
+
+
+def _counter(gallery: Gallery, table: str, column: str) -> dict[str, int]:
+    data = gallery.read(table, columns=[column])
+    if not data.num_columns:
+        return {}
+    return dict(sorted(Counter(data.column(column).to_pylist()).items()))
+
+
+def gallery_status(settings: Settings) -> dict[str, Any]:
+    gallery = Gallery(settings.lance_dir)
+    tables = {name: {"version": gallery.version(name), "rows": gallery.count(name)} for name in gallery.names()}
+    reasons = _counter(gallery, "quarantine", "reason")
+    return {
+        "home": str(settings.home.resolve()),
+        "tables": tables,
+        "sources": gallery.count("sources"),
+        "images": gallery.count("images"),
+        "faces": gallery.count("faces"),
+        "image_embeddings": gallery.count("image_embeddings"),
+        "quarantined": sum(reasons.values()),
+        "quarantine_reasons": reasons,
+        "shards_done": len(set(_counter(gallery, "ledger", "shard_key"))),
+        "face_models": _counter(gallery, "faces", "model_id"),
+        "image_models": _counter(gallery, "image_embeddings", "model_id"),
+    }

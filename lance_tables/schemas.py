@@ -1,0 +1,138 @@
+"""Every LanceDB table's schema, declared once; writers build rows from these, never by inference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipelines.models import FACE_DIM
+
+TS = pa.timestamp("us", tz="UTC")
+
+SOURCES = pa.schema(
+    [
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("channel", pa.string(), nullable=False),
+        pa.field("legal_basis", pa.string(), nullable=False),
+        pa.field("terms", pa.string(), nullable=False),
+        pa.field("registered_by", pa.string()),
+        pa.field("registered_at", TS, nullable=False),
+    ]
+)
+
+IMAGES = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string()),
+        pa.field("subject_id", pa.string()),
+        pa.field("minor", pa.bool_(), nullable=False),
+        pa.field("captured_at", TS),
+        pa.field("format", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("num_bytes", pa.int64(), nullable=False),
+        pa.field("shard_key", pa.string(), nullable=False),
+        pa.field("ingested_at", TS, nullable=False),
+    ]
+)
+
+
+def _gallery_fields() -> list[pa.Field]:
+    return [
+        pa.field("image_id", pa.string()),
+        pa.field("record_id", pa.string()),
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("subject_id", pa.string()),
+        pa.field("minor", pa.bool_(), nullable=False),
+    ]
+
+
+def _provenance_fields() -> list[pa.Field]:
+    return [
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("weights_digest", pa.string(), nullable=False),
+        pa.field("origin", pa.string(), nullable=False),  # "detected" | "embedded" | "imported"
+        pa.field("shard_key", pa.string(), nullable=False),
+        pa.field("ingested_at", TS, nullable=False),
+    ]
+
+
+FACES = pa.schema(
+    [
+        pa.field("face_id", pa.string(), nullable=False),
+        *_gallery_fields(),
+        pa.field("face_index", pa.int32()),
+        pa.field("box", pa.list_(pa.float32(), 4)),
+        pa.field("det_prob", pa.float32()),
+        pa.field("landmarks", pa.list_(pa.float32(), 10)),
+        pa.field("vector", pa.list_(pa.float32(), FACE_DIM), nullable=False),
+        *_provenance_fields(),
+    ]
+)
+
+
+def image_embeddings_schema(dim: int) -> pa.Schema:
+    """Whole-image embeddings; the vector width is fixed when the table is created."""
+    return pa.schema(
+        [
+            pa.field("embedding_id", pa.string(), nullable=False),
+            *_gallery_fields(),
+            pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
+            *_provenance_fields(),
+        ]
+    )
+
+
+QUARANTINE = pa.schema(
+    [
+        pa.field("quarantine_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),  # image_id, record_id or shard key
+        pa.field("source_id", pa.string()),
+        pa.field("uri", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),  # shard | decode | face | import
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string(), nullable=False),
+        pa.field("shard_key", pa.string(), nullable=False),
+        pa.field("quarantined_at", TS, nullable=False),
+    ]
+)
+
+LEDGER = pa.schema(
+    [
+        pa.field("ledger_key", pa.string(), nullable=False),
+        pa.field("shard_key", pa.string(), nullable=False),
+        pa.field("shard_uri", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("images", pa.int64(), nullable=False),
+        pa.field("embedded", pa.int64(), nullable=False),
+        pa.field("quarantined", pa.int64(), nullable=False),
+        pa.field("finished_at", TS, nullable=False),
+    ]
+)
+
+KEYS = {
+    "sources": "source_id",
+    "images": "image_id",
+    "faces": "face_id",
+    "image_embeddings": "embedding_id",
+    "quarantine": "quarantine_id",
+    "ledger": "ledger_key",
+}
+
+FIXED = {"sources": SOURCES, "images": IMAGES, "faces": FACES, "quarantine": QUARANTINE, "ledger": LEDGER}
+
+
+def to_arrow(rows: list[dict[str, Any]], schema: pa.Schema, vectors: np.ndarray | None = None) -> pa.Table:
+    """Rows -> Arrow from the declared schema; the vector column is built from the float32 matrix."""
+    if vectors is None or "vector" not in schema.names:
+        return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+    others = [n for n in schema.names if n != "vector"]
+    base = {n: [r.get(n) for r in rows] for n in others}
+    dim = schema.field("vector").type.list_size
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
+    columns = [pa.array(base[n], schema.field(n).type) if n != "vector" else
+               pa.FixedSizeListArray.from_arrays(flat, dim) for n in schema.names]
+    return pa.Table.from_arrays(columns, schema=schema)

@@ -1,0 +1,72 @@
+"""Ray Data engine: a CPU prepare stage (tasks) feeding a model stage on an actor pool."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+from pipelines.embed import EmbedStage, ShardOutput
+from pipelines.prepare import PrepareStage
+from pipelines.task import IngestTask, WorkItem
+
+_PREPARE_CACHE: dict[IngestTask, PrepareStage] = {}
+
+
+def start_ray(address: str | None, num_cpus: int | None) -> None:
+    """Connect to a cluster, or start a local Ray when no address is configured."""
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # workers use this venv, not a rebuilt one
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+
+
+def _prepare(row: dict[str, Any], task: IngestTask) -> dict[str, Any]:
+    stage = _PREPARE_CACHE.get(task)
+    if stage is None:
+        stage = _PREPARE_CACHE.setdefault(task, PrepareStage(task))
+    return {"payload": pickle.dumps(stage.process(pickle.loads(row["item"])), protocol=5)}
+
+
+class _EmbedActor:
+    def __init__(self, task: IngestTask):
+        self.stage = EmbedStage(task)
+        self.stage.setup()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        outputs = [self.stage.process(pickle.loads(payload)) for payload in batch["payload"]]
+        return {"output": [pickle.dumps(out, protocol=5) for out in outputs]}
+
+
+def run_ray(
+    task: IngestTask, items: list[WorkItem], address: str | None, num_cpus: int | None, shards_per_batch: int
+) -> Iterator[ShardOutput]:
+    if not items:
+        return
+    start_ray(address, num_cpus)
+    import ray
+    import torch
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the job draws its own bar
+    ctx.max_errored_blocks = 0  # never drop a block silently
+    gpus = 1.0 if task.device != "cpu" and (torch.cuda.is_available() or ray.cluster_resources().get("GPU")) else 0.0
+    ds = ray.data.from_items([{"item": pickle.dumps(i)} for i in items], override_num_blocks=len(items))
+    ds = ds.map(_prepare, fn_kwargs={"task": task}, num_cpus=PrepareStage.num_cpus)
+    ds = ds.map_batches(
+        _EmbedActor,
+        fn_constructor_args=(task,),
+        batch_size=shards_per_batch,
+        compute=ActorPoolStrategy(size=1),
+        num_cpus=0 if gpus else 1,
+        num_gpus=gpus,
+    )
+    for row in ds.iter_rows():
+        yield pickle.loads(row["output"])

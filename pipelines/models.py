@@ -1,0 +1,260 @@
+"""Model ids, weight resolution (local models dir first), loading and weight digests."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pipelines.errors import ModelWeightsUnavailable, Refused
+
+FACE_DIM = 512
+UNTRAINED_SEED = 20240402
+UNTRAINED_CLIP_ARCH = "ViT-B-32"
+FACENET_RELEASE = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/"
+FACENET_FILES = {
+    "facenet-vggface2": ("vggface2", "20180402-114759-vggface2.pt"),
+    "facenet-casia-webface": ("casia-webface", "20180408-102900-casia-webface.pt"),
+}
+FACE_UNTRAINED = "facenet-untrained"
+CLIP_UNTRAINED = "clip-untrained"
+UNTRAINED_IDS = (FACE_UNTRAINED, CLIP_UNTRAINED)
+CLIP_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.pt")
+
+Kind = Literal["face", "image"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved model id: what it is and how wide its vectors are."""
+
+    model_id: str
+    kind: Kind
+    dim: int
+    untrained: bool
+
+
+def face_spec(model_id: str) -> ModelSpec:
+    """Validate a face model id."""
+    if model_id == FACE_UNTRAINED or model_id in FACENET_FILES:
+        return ModelSpec(model_id, "face", FACE_DIM, model_id == FACE_UNTRAINED)
+    valid = ", ".join([*FACENET_FILES, FACE_UNTRAINED])
+    raise Refused(f"unknown face model {model_id!r}; valid face models: {valid}")
+
+
+def image_spec(model_id: str) -> ModelSpec:
+    """Validate an image model id: `clip-untrained` or `<open_clip architecture>/<pretrained tag>`."""
+    import open_clip
+
+    if model_id == CLIP_UNTRAINED:
+        arch = UNTRAINED_CLIP_ARCH
+    else:
+        arch, _, tag = model_id.partition("/")
+        if not tag or arch not in open_clip.list_models():
+            raise Refused(
+                f"unknown image model {model_id!r}; use '<architecture>/<pretrained tag>' "
+                f"(e.g. ViT-B-32/laion2b_s34b_b79k, see open_clip.list_pretrained()) or {CLIP_UNTRAINED!r}"
+            )
+    config = open_clip.get_model_config(arch)
+    return ModelSpec(model_id, "image", int(config["embed_dim"]), model_id == CLIP_UNTRAINED)
+
+
+def weights_digest(module: Any) -> str:
+    """sha256 over the module's state dict (sorted names, raw tensor bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def resolve_device(setting: str) -> str:
+    """'auto' picks CUDA when present."""
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _torch_checkpoints_dir() -> Path:
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def facenet_weights_file(model_id: str, models_dir: Path) -> Path | None:
+    """Where the weights of a pretrained face model are found locally, or None."""
+    _, filename = FACENET_FILES[model_id]
+    for folder in (models_dir, models_dir / "facenet", _torch_checkpoints_dir()):
+        if (folder / filename).is_file():
+            return folder / filename
+    return None
+
+
+def load_face_model(model_id: str, models_dir: Path, downloads: bool, device: str) -> tuple[Any, str]:
+    """InceptionResnetV1 in eval mode and its weights digest."""
+    from facenet_pytorch import InceptionResnetV1
+
+    face_spec(model_id)
+    if model_id == FACE_UNTRAINED:
+        with _seeded(UNTRAINED_SEED):
+            model = InceptionResnetV1(pretrained=None)
+    else:
+        model = InceptionResnetV1(pretrained=None)
+        model.load_state_dict(_facenet_state(model_id, models_dir, downloads))
+    model = model.eval().to(device)
+    return model, weights_digest(model)
+
+
+def _facenet_state(model_id: str, models_dir: Path, downloads: bool) -> dict[str, Any]:
+    import torch
+
+    path = facenet_weights_file(model_id, models_dir)
+    if path is None and downloads:
+        path = _download_facenet(model_id, models_dir)
+    if path is None:
+        raise ModelWeightsUnavailable(_facenet_missing(model_id, models_dir, "downloads are disabled"))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: v for k, v in state.items() if not k.startswith("logits.")}
+
+
+def _download_facenet(model_id: str, models_dir: Path) -> Path:
+    from facenet_pytorch.models.inception_resnet_v1 import load_weights
+
+    dataset, _ = FACENET_FILES[model_id]
+    try:
+        import torch.nn as nn
+
+        holder = nn.Module()
+        holder.load_state_dict = lambda state, *a, **k: None  # type: ignore[assignment,method-assign]
+        load_weights(holder, dataset)  # the library's own download into the torch hub cache
+    except Exception as exc:  # noqa: BLE001 - any network failure becomes one clear message
+        raise ModelWeightsUnavailable(_facenet_missing(model_id, models_dir, f"download failed: {exc}")) from exc
+    found = facenet_weights_file(model_id, models_dir)
+    if found is None:
+        raise ModelWeightsUnavailable(_facenet_missing(model_id, models_dir, "download left no file"))
+    return found
+
+
+def _facenet_missing(model_id: str, models_dir: Path, why: str) -> str:
+    _, filename = FACENET_FILES[model_id]
+    return (
+        f"weights for face model {model_id!r} not found ({why}). Put the file {filename} "
+        f"(from {FACENET_RELEASE}{filename}) into {models_dir} (GALLERYMATCH_MODELS_DIR) or "
+        f"{_torch_checkpoints_dir()}, or use --face-model {FACE_UNTRAINED} for an explicitly untrained test model."
+    )
+
+
+def clip_weights_file(model_id: str, models_dir: Path) -> Path | None:
+    """Local open_clip weights: MODELS_DIR/open_clip/<arch>/<tag>/<file> or <tag>.{safetensors,bin,pt}."""
+    arch, _, tag = model_id.partition("/")
+    folder = models_dir / "open_clip" / arch
+    candidates = [folder / tag / name for name in CLIP_WEIGHT_NAMES]
+    candidates += [folder / f"{tag}{suffix}" for suffix in (".safetensors", ".bin", ".pt")]
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def load_clip_model(model_id: str, models_dir: Path, downloads: bool, device: str) -> tuple[Any, Any, str]:
+    """open_clip model (eval), its preprocessing transform, and its weights digest."""
+    import open_clip
+
+    image_spec(model_id)
+    if model_id == CLIP_UNTRAINED:
+        with _seeded(UNTRAINED_SEED):
+            model, _, preprocess = open_clip.create_model_and_transforms(UNTRAINED_CLIP_ARCH, pretrained=None)
+    else:
+        model, preprocess = _load_pretrained_clip(model_id, models_dir, downloads)
+    model = model.eval().to(device)
+    return model, preprocess, weights_digest(model)
+
+
+def _load_pretrained_clip(model_id: str, models_dir: Path, downloads: bool) -> tuple[Any, Any]:
+    import open_clip
+
+    arch, _, tag = model_id.partition("/")
+    cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+    local = clip_weights_file(model_id, models_dir) or _clip_hf_cache_file(cfg)
+    if local is None and not downloads:
+        raise ModelWeightsUnavailable(_clip_missing(model_id, models_dir, "downloads are disabled"))
+    preprocess_cfg = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch,
+            pretrained=str(local) if local is not None else tag,
+            image_mean=preprocess_cfg.get("mean"),
+            image_std=preprocess_cfg.get("std"),
+            image_interpolation=preprocess_cfg.get("interpolation"),
+            image_resize_mode=preprocess_cfg.get("resize_mode"),
+        )
+    except Exception as exc:  # noqa: BLE001 - hub/network/format errors become one clear message
+        raise ModelWeightsUnavailable(_clip_missing(model_id, models_dir, f"{type(exc).__name__}: {exc}")) from exc
+    return model, preprocess
+
+
+def _clip_hf_cache_file(cfg: dict[str, Any]) -> Path | None:
+    """The open_clip weights already in the Hugging Face cache (the library's own download path)."""
+    repo = str(cfg.get("hf_hub", "")).strip("/")
+    if not repo:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in CLIP_WEIGHT_NAMES[:2]:
+        found = try_to_load_from_cache(repo, name)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _clip_missing(model_id: str, models_dir: Path, why: str) -> str:
+    arch, _, tag = model_id.partition("/")
+    return (
+        f"weights for image model {model_id!r} not found ({why}). Put open_clip_model.safetensors "
+        f"(from the Hugging Face repo open_clip lists for {arch}/{tag}) into "
+        f"{models_dir / 'open_clip' / arch / tag} (GALLERYMATCH_MODELS_DIR), or use "
+        f"--image-model {CLIP_UNTRAINED} for an explicitly untrained test model."
+    )
+
+
+def weights_available(model_id: str, models_dir: Path) -> bool:
+    """True when the model can be loaded without any download."""
+    if model_id in UNTRAINED_IDS:
+        return True
+    if model_id in FACENET_FILES:
+        return facenet_weights_file(model_id, models_dir) is not None
+    return clip_weights_file(model_id, models_dir) is not None
+
+
+def ensure_weights(model_id: str, models_dir: Path, downloads: bool) -> None:
+    """Fail before any work when a model's weights cannot be had (downloading them once if allowed)."""
+    if model_id in UNTRAINED_IDS or weights_available(model_id, models_dir):
+        return
+    if model_id in FACENET_FILES:
+        if not downloads:
+            raise ModelWeightsUnavailable(_facenet_missing(model_id, models_dir, "downloads are disabled"))
+        _download_facenet(model_id, models_dir)
+        return
+    import open_clip
+
+    arch, _, tag = model_id.partition("/")
+    cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+    if _clip_hf_cache_file(cfg) is not None:
+        return
+    if not downloads:
+        raise ModelWeightsUnavailable(_clip_missing(model_id, models_dir, "downloads are disabled"))
+    try:
+        open_clip.download_pretrained(cfg)
+    except Exception as exc:  # noqa: BLE001 - network errors become one clear message
+        raise ModelWeightsUnavailable(_clip_missing(model_id, models_dir, f"download failed: {exc}")) from exc

@@ -1,0 +1,61 @@
+"""The one typed settings tree (env prefix GALLERYMATCH_), read once at the entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+class Settings(BaseSettings):
+    """Everything configurable; library functions receive plain values taken from here."""
+
+    model_config = SettingsConfigDict(env_prefix="GALLERYMATCH_", extra="ignore")
+
+    home: Path = Field(Path(".gallerymatch"), description="root of everything the embedded default writes")
+    models_dir: Path | None = Field(None, description="model weights are looked up here first (default: HOME/models)")
+    model_downloads: bool = Field(True, description="let the libraries download weights when not found locally")
+
+    face_model: str = "facenet-vggface2"
+    image_model: str = "ViT-B-32/laion2b_s34b_b79k"
+    face_min_size: int = Field(20, ge=8, description="MTCNN minimum face size in pixels")
+    face_min_prob: float = Field(0.90, ge=0.0, le=1.0, description="faces below this detection probability are dropped")
+    detect_max_side: int = Field(1280, ge=160, description="images are downscaled to this longest side for detection")
+
+    max_image_bytes: int = Field(50 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(60_000_000, ge=1)
+    allowed_formats: Annotated[tuple[str, ...], NoDecode] = DEFAULT_FORMATS
+
+    rows_per_shard: int = Field(256, ge=1)
+    face_batch_size: int = Field(32, ge=1, description="face crops per InceptionResnetV1 forward pass")
+    image_batch_size: int = Field(16, ge=1, description="images per open_clip forward pass")
+    detect_batch_size: int = Field(8, ge=1, description="equal-size images per MTCNN call")
+    shards_per_model_batch: int = Field(1, ge=1, description="Ray Data batch size of the model stage, in shards")
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    ray_address: str | None = Field(None, description="Ray cluster address; a local Ray is started when unset")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs for the local Ray (default: all)")
+
+    @field_validator("allowed_formats", mode="before")
+    @classmethod
+    def _split_formats(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip().upper() for part in value.split(",") if part.strip())
+        return value
+
+    @property
+    def lance_dir(self) -> Path:
+        return self.home / "lance"
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir if self.models_dir is not None else self.home / "models"
+
+
+def load_settings() -> Settings:
+    """Read the environment once; call only from entry points."""
+    return Settings()

@@ -1,0 +1,212 @@
+"""Parquet image shards: pack a folder (bytes as-is, one row per distinct sha256) and read shards back."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.errors import Refused
+from pipelines.vocab import Reason
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("image", pa.large_binary()),
+        pa.field("uri", pa.string()),
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("captured_at", pa.timestamp("us", tz="UTC")),
+        pa.field("minor", pa.bool_()),
+        pa.field("subject_id", pa.string()),
+        pa.field("num_bytes", pa.int64()),
+        pa.field("pack_error", pa.string()),
+    ]
+)
+REQUIRED_COLUMNS = ("image_id", "image", "source_id")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_id(kind: str, value: str) -> str:
+    """Opaque ids are short tokens: safe in paths, hive partitions and SQL predicates."""
+    if not ID_PATTERN.match(value):
+        raise Refused(f"{kind} {value!r} is not a valid id: use 1-64 letters, digits, '.', '_' or '-'")
+    return value
+
+
+@dataclass
+class RowMeta:
+    """Per-file metadata from the optional CSV given to `pack --metadata`."""
+
+    subject_id: str | None = None
+    minor: bool | None = None
+    captured_at: dt.datetime | None = None
+
+
+@dataclass
+class PackReport:
+    """What `pack` did; nothing it saw is left out."""
+
+    files: int = 0
+    distinct: int = 0
+    duplicates: int = 0
+    duplicate_of: dict[str, str] = field(default_factory=dict)
+    oversize: list[str] = field(default_factory=list)
+    skipped_hidden: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    bytes: int = 0
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def list_images(images_dir: Path, report: PackReport) -> list[Path]:
+    """Regular files under the folder in a deterministic order; hidden files are listed, not packed."""
+    if not images_dir.is_dir():
+        raise Refused(f"{images_dir} is not a folder")
+    found = []
+    for path in sorted(images_dir.rglob("*"), key=lambda p: p.relative_to(images_dir).as_posix()):
+        rel = path.relative_to(images_dir)
+        if any(part.startswith(".") for part in rel.parts):
+            if path.is_file():
+                report.skipped_hidden.append(rel.as_posix())
+            continue
+        if path.is_file():
+            found.append(path)
+    return found
+
+
+def pack_folder(
+    images_dir: Path,
+    shards_dir: Path,
+    source_id: str,
+    rows_per_shard: int,
+    max_bytes: int,
+    metadata: dict[str, RowMeta] | None = None,
+) -> PackReport:
+    """Write the folder's images as Parquet shards under SHARDS_DIR/source_id=<id>/."""
+    check_id("source id", source_id)
+    report = PackReport()
+    metadata = metadata or {}
+    rows: list[dict[str, object]] = []
+    seen: dict[str, str] = {}
+    for path in list_images(images_dir, report):
+        rel = path.relative_to(images_dir).as_posix()
+        report.files += 1
+        image_id, size = sha256_file(path)
+        if image_id in seen:
+            report.duplicates += 1
+            report.duplicate_of[rel] = seen[image_id]
+            continue
+        seen[image_id] = rel
+        report.bytes += size
+        rows.append(_row(path, rel, image_id, size, source_id, max_bytes, metadata.get(rel, RowMeta()), report))
+    report.distinct = len(rows)
+    out_dir = shards_dir / f"source_id={source_id}"
+    for start in range(0, len(rows), rows_per_shard):
+        report.shards.append(str(_write_shard(out_dir, rows[start : start + rows_per_shard])))
+    return report
+
+
+def _row(
+    path: Path, rel: str, image_id: str, size: int, source_id: str, max_bytes: int, meta: RowMeta, report: PackReport
+) -> dict[str, object]:
+    oversize = size > max_bytes
+    if oversize:
+        report.oversize.append(rel)
+    return {
+        "image_id": image_id,
+        "image": None if oversize else path.read_bytes(),
+        "uri": rel,
+        "source_id": source_id,
+        "captured_at": meta.captured_at,
+        "minor": meta.minor,
+        "subject_id": meta.subject_id,
+        "num_bytes": size,
+        "pack_error": Reason.TOO_LARGE_BYTES.value if oversize else None,
+    }
+
+
+def _write_shard(out_dir: Path, rows: list[dict[str, object]]) -> Path:
+    """Content-named, written to a temporary name and renamed: a crash never leaves half a shard."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256("".join(str(r["image_id"]) for r in rows).encode()).hexdigest()[:20]
+    final = out_dir / f"shard-{name}.parquet"
+    tmp = out_dir / f".tmp-{name}-{os.getpid()}.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=SHARD_SCHEMA), tmp, row_group_size=64)
+    os.replace(tmp, final)
+    return final
+
+
+def read_metadata_csv(path: Path) -> dict[str, RowMeta]:
+    """CSV with a `path` column (relative to the images folder) and optional subject_id, minor, captured_at."""
+    out: dict[str, RowMeta] = {}
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or "path" not in reader.fieldnames:
+            raise Refused(f"{path}: the metadata CSV needs a 'path' column")
+        for line, rec in enumerate(reader, start=2):
+            out[rec["path"]] = _meta(rec, path, line)
+    return out
+
+
+def _meta(rec: dict[str, str], path: Path, line: int) -> RowMeta:
+    minor_text = (rec.get("minor") or "").strip().lower()
+    if minor_text not in ("", "true", "false", "1", "0", "yes", "no"):
+        raise Refused(f"{path}:{line}: minor must be true or false, got {minor_text!r}")
+    captured = (rec.get("captured_at") or "").strip()
+    try:
+        when = dt.datetime.fromisoformat(captured) if captured else None
+    except ValueError as exc:
+        raise Refused(f"{path}:{line}: captured_at is not an ISO date/time: {captured!r}") from exc
+    if when is not None and when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    subject = (rec.get("subject_id") or "").strip() or None
+    if subject is not None:
+        check_id("subject id", subject)
+    return RowMeta(subject, minor_text in ("true", "1", "yes") if minor_text else None, when)
+
+
+def find_shards(shards_dir: Path) -> list[Path]:
+    """Every shard file under a folder (or the file itself), in a deterministic order."""
+    if shards_dir.is_file():
+        return [shards_dir]
+    if not shards_dir.is_dir():
+        raise Refused(f"{shards_dir} is neither a shard file nor a folder of shards")
+    files = [p for p in shards_dir.rglob("*.parquet") if not p.name.startswith(".")]
+    return sorted(files, key=lambda p: p.relative_to(shards_dir).as_posix())
+
+
+def shard_key(path: Path) -> str:
+    """A shard's identity is its content: renaming or moving it does not make it new."""
+    return sha256_file(path)[0]
+
+
+def shard_sources(path: Path) -> set[str]:
+    """Distinct source ids a shard names (empty when it cannot be read; ingest quarantines it then)."""
+    try:
+        column = pq.read_table(path, columns=["source_id"]).column("source_id")
+    except Exception:  # noqa: BLE001 - unreadable shards are reported by the ingest, not here
+        return set()
+    return {v for v in column.to_pylist() if v is not None}
+
+
+def read_shard(path: Path) -> pa.Table:
+    """Read one shard; raises ValueError naming what is wrong when it is not a usable shard."""
+    table = pq.read_table(path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"missing required column(s): {', '.join(missing)}")
+    return table

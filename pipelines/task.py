@@ -1,0 +1,85 @@
+"""What one ingest run asks for, as plain values, and the work items it plans (one per shard)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+from pipelines.decode import DecodeLimits
+from pipelines.settings import Settings
+
+Modality = Literal["face", "image", "all"]
+
+
+@dataclass(frozen=True)
+class IngestTask:
+    """Everything a worker needs; picklable, no environment reads."""
+
+    modality: Modality
+    face_model: str
+    image_model: str
+    limits: DecodeLimits
+    face_min_size: int
+    face_min_prob: float
+    detect_max_side: int
+    detect_batch_size: int
+    face_batch_size: int
+    image_batch_size: int
+    models_dir: str
+    downloads: bool
+    device: str
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, modality: Modality, face_model: str | None, image_model: str | None
+    ) -> IngestTask:
+        return cls(
+            modality=modality,
+            face_model=face_model or settings.face_model,
+            image_model=image_model or settings.image_model,
+            limits=DecodeLimits(settings.max_image_bytes, settings.max_image_pixels, settings.allowed_formats),
+            face_min_size=settings.face_min_size,
+            face_min_prob=settings.face_min_prob,
+            detect_max_side=settings.detect_max_side,
+            detect_batch_size=settings.detect_batch_size,
+            face_batch_size=settings.face_batch_size,
+            image_batch_size=settings.image_batch_size,
+            models_dir=str(settings.resolved_models_dir),
+            downloads=settings.model_downloads,
+            device=settings.device,
+        )
+
+    @property
+    def wants_face(self) -> bool:
+        return self.modality in ("face", "all")
+
+    @property
+    def wants_image(self) -> bool:
+        return self.modality in ("image", "all")
+
+    def face_part(self) -> str:
+        """Ledger name of the face part: the model and every setting that changes its rows."""
+        limits = f"{self.limits.max_bytes}:{self.limits.max_pixels}:{','.join(self.limits.formats)}"
+        return (
+            f"face:{self.face_model}:min{self.face_min_size}:p{self.face_min_prob}:"
+            f"side{self.detect_max_side}:{limits}"
+        )
+
+    def image_part(self) -> str:
+        limits = f"{self.limits.max_bytes}:{self.limits.max_pixels}:{','.join(self.limits.formats)}"
+        return f"image:{self.image_model}:{limits}"
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One shard and the parts of the task still to do for it."""
+
+    shard_uri: str
+    shard_key: str
+    do_face: bool
+    do_image: bool
+
+
+def ledger_key(shard_key: str, part: str) -> str:
+    return hashlib.sha256(f"{shard_key}|{part}".encode()).hexdigest()[:32]
