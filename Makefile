@@ -1,18 +1,15 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
 SHELL := /bin/bash
 export PATH := $(HOME)/.local/bin:$(PATH)
-UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PY := .venv/bin/python
 # Ray must not rebuild the environment from project metadata in its workers (see ../shared/guide/environment.md).
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
 .PHONY: install demo test lint format bench clean
 
-$(UV):
-	python3 -m pip install --user --quiet uv || python3 -m pip install --quiet uv
-
-install: $(UV)
-	$(UV) sync --locked
+install:
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	@if command -v uv >/dev/null 2>&1; then uv sync --locked; else python3 -m uv sync --locked; fi
 
 demo: install
 	bash scripts/demo.sh

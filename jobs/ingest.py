@@ -64,6 +64,10 @@ def run_ingest(
     progress: bool = True,
 ) -> dict[str, Any]:
     task = IngestTask.from_settings(settings, modality, face_model, image_model)
+    if engine == "ray":  # start Ray before LanceDB's runtime exists: no fork of a live async runtime
+        from pipelines.engines.ray import start_ray
+
+        start_ray(settings.ray_address, settings.ray_num_cpus)
     gallery = Gallery(settings.lance_dir)
     shards = find_shards(shards_dir)
     require_registered(gallery, set().union(*(shard_sources(p) for p in shards)))

@@ -32,16 +32,17 @@ def commit_shard(gallery: Gallery, output: ShardOutput, task: IngestTask) -> Non
 
 def _ledger_rows(output: ShardOutput, task: IngestTask) -> pa.Table:
     item, stats, now = output.item, output.stats, dt.datetime.now(dt.UTC)
-    quarantined = sum(stats["quarantined"].values())
+    stages = output.tables["quarantine"].column("stage").to_pylist()
+    common = sum(1 for s in stages if s != "face")
     parts = []
     if item.do_face:
-        parts.append((task.face_part(), stats["images_with_faces"]))
+        parts.append((task.face_part(), stats["images_with_faces"], len(stages)))
     if item.do_image:
-        parts.append((task.image_part(), stats["image_embeddings"]))
+        parts.append((task.image_part(), stats["image_embeddings"], common))
     rows = [
         {"ledger_key": ledger_key(item.shard_key, part), "shard_key": item.shard_key, "shard_uri": item.shard_uri,
          "task": part, "images": stats["distinct_images"], "embedded": embedded, "quarantined": quarantined,
          "finished_at": now}
-        for part, embedded in parts
+        for part, embedded, quarantined in parts
     ]
     return pa.Table.from_pylist(rows, schema=LEDGER)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from collections.abc import Iterator
@@ -10,9 +11,6 @@ from typing import Any
 from pipelines.embed import EmbedStage, ShardOutput
 from pipelines.prepare import PrepareStage
 from pipelines.task import IngestTask, WorkItem
-
-_PREPARE_CACHE: dict[IngestTask, PrepareStage] = {}
-
 
 def start_ray(address: str | None, num_cpus: int | None) -> None:
     """Connect to a cluster, or start a local Ray when no address is configured."""
@@ -25,16 +23,23 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def _prepare(row: dict[str, Any], task: IngestTask) -> dict[str, Any]:
-    stage = _PREPARE_CACHE.get(task)
-    if stage is None:
-        stage = _PREPARE_CACHE.setdefault(task, PrepareStage(task))
-    return {"payload": pickle.dumps(stage.process(pickle.loads(row["item"])), protocol=5)}
+class _PrepareActor:
+    """CPU stage: MTCNN is built once per actor; one row in, one prepared shard out."""
+
+    def __init__(self, task: IngestTask):
+        self.stage = PrepareStage(task)
+        self.stage.setup()
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {"payload": pickle.dumps(self.stage.process(pickle.loads(row["item"])), protocol=5)}
 
 
 class _EmbedActor:
+    """Model stage: the embedders load once per actor; a batch of prepared shards in, outputs out."""
+
     def __init__(self, task: IngestTask):
         self.stage = EmbedStage(task)
         self.stage.setup()
@@ -59,7 +64,14 @@ def run_ray(
     ctx.max_errored_blocks = 0  # never drop a block silently
     gpus = 1.0 if task.device != "cpu" and (torch.cuda.is_available() or ray.cluster_resources().get("GPU")) else 0.0
     ds = ray.data.from_items([{"item": pickle.dumps(i)} for i in items], override_num_blocks=len(items))
-    ds = ds.map(_prepare, fn_kwargs={"task": task}, num_cpus=PrepareStage.num_cpus)
+    cpus = int(ray.cluster_resources().get("CPU", 2))
+    prepare_actors = max(1, min(len(items), cpus - 1))  # leave a CPU for the model stage
+    ds = ds.map(
+        _PrepareActor,
+        fn_constructor_args=(task,),
+        compute=ActorPoolStrategy(min_size=1, max_size=prepare_actors),
+        num_cpus=PrepareStage.num_cpus,
+    )
     ds = ds.map_batches(
         _EmbedActor,
         fn_constructor_args=(task,),

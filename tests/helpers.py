@@ -1,0 +1,46 @@
+"""Reading the gallery back for comparisons (timestamps dropped, rows sorted by key)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lance_tables.schemas import KEYS
+from lance_tables.store import Gallery
+from pipelines.settings import Settings
+
+VOLATILE = {"ingested_at", "quarantined_at", "finished_at", "registered_at"}
+GALLERY_TABLES = ("images", "faces", "image_embeddings", "quarantine", "ledger")
+
+
+def table_rows(settings: Settings, name: str) -> list[dict[str, Any]]:
+    data = Gallery(settings.lance_dir).read(name)
+    if not data.num_columns:
+        return []
+    rows = [{k: v for k, v in row.items() if k not in VOLATILE} for row in data.to_pylist()]
+    return sorted(rows, key=lambda r: r[KEYS[name]])
+
+
+def snapshot(settings: Settings) -> dict[str, list[dict[str, Any]]]:
+    return {name: table_rows(settings, name) for name in GALLERY_TABLES}
+
+
+def assert_same_rows(left: dict[str, list[dict[str, Any]]], right: dict[str, list[dict[str, Any]]]) -> None:
+    """Same keys and values everywhere; vectors equal to float tolerance (thread counts may differ)."""
+    for name in GALLERY_TABLES:
+        a, b = left[name], right[name]
+        assert [r[KEYS[name]] for r in a] == [r[KEYS[name]] for r in b], name
+        for ra, rb in zip(a, b, strict=True):
+            assert set(ra) == set(rb)
+            for key in ra:
+                if key in ("vector", "box", "landmarks", "det_prob") and ra[key] is not None:
+                    assert np.allclose(ra[key], rb[key], atol=1e-3), (name, key)
+                else:
+                    assert ra[key] == rb[key], (name, key)
+
+
+def assert_unique_keys(settings: Settings) -> None:
+    for name in GALLERY_TABLES:
+        keys = [r[KEYS[name]] for r in table_rows(settings, name)]
+        assert len(keys) == len(set(keys)), name

@@ -1,0 +1,79 @@
+"""Real MTCNN on public-domain images; InceptionResnetV1 embeddings from the labelled untrained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines import samples
+from pipelines.faces import CROP_SIZE, FaceDetector, FaceEmbedder, stack_crops
+
+FACE = "facenet-untrained"
+
+
+@pytest.fixture(scope="module")
+def detector() -> FaceDetector:
+    return FaceDetector(min_face_size=20, min_prob=0.9, max_side=1280, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory: pytest.TempPathFactory) -> FaceEmbedder:
+    return FaceEmbedder(FACE, tmp_path_factory.mktemp("models"), downloads=False, batch_size=2)
+
+
+def test_astronaut_has_one_face(detector: FaceDetector) -> None:
+    (faces,) = detector.detect([samples.astronaut()])
+    assert len(faces) == 1
+    face = faces[0]
+    assert face.prob > 0.99
+    assert np.allclose(face.box, [181, 62, 268, 172], atol=4)
+    assert len(face.landmarks) == 10
+    assert face.crop.shape == (CROP_SIZE, CROP_SIZE, 3) and face.crop.dtype == np.uint8
+
+
+def test_no_face_images(detector: FaceDetector) -> None:
+    found = detector.detect(list(samples.no_face_images().values()))
+    assert found == [[], [], []]
+
+
+def test_composite_with_several_faces(detector: FaceDetector) -> None:
+    (faces,) = detector.detect([samples.composite(3)])
+    assert len(faces) == 3
+    lefts = sorted(f.box[0] for f in faces)
+    assert lefts[0] < 256 <= lefts[1] < 512 <= lefts[2]
+
+
+def test_mixed_batch_with_and_without_faces(detector: FaceDetector) -> None:
+    """facenet-pytorch issue 224: a batch mixing faces and no faces (and sizes) must not fail."""
+    coffee = samples.no_face_images()["coffee"].resize((512, 512))
+    batch = [samples.astronaut(), coffee, samples.astronaut(300), samples.composite(2), coffee]
+    found = detector.detect(batch)
+    assert [len(f) for f in found] == [1, 0, 1, 2, 0]
+
+
+def test_downscaled_detection_reports_original_coordinates() -> None:
+    big = samples.astronaut().resize((2048, 2048), Image.Resampling.BILINEAR)
+    det = FaceDetector(min_face_size=20, min_prob=0.9, max_side=512, batch_size=4)
+    (faces,) = det.detect([big])
+    assert len(faces) == 1
+    assert np.allclose(faces[0].box, np.array([181, 62, 268, 172]) * 4, atol=16)
+
+
+def test_probability_floor_drops_faces() -> None:
+    strict = FaceDetector(min_face_size=20, min_prob=1.01, max_side=1280, batch_size=4)
+    assert strict.detect([samples.astronaut()]) == [[]]
+
+
+def test_embeddings_are_unit_512d_and_deterministic(detector: FaceDetector, embedder: FaceEmbedder) -> None:
+    faces = detector.detect([samples.astronaut(), samples.composite(3)])
+    crops = stack_crops(faces[0] + faces[1])
+    vectors = embedder.embed(crops)
+    assert vectors.shape == (4, 512) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(embedder.embed(crops[:1]), vectors[:1], atol=1e-5)  # batch size does not change a row
+    assert embedder.weights_digest.startswith("sha256:")
+    other = FaceEmbedder(FACE, Path("/nonexistent"), downloads=False, batch_size=8)
+    assert other.weights_digest == embedder.weights_digest  # the untrained id is seeded, so reproducible
