@@ -6,18 +6,26 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
 from pipelines.errors import GalleryMatchError
+
+if TYPE_CHECKING:
+    from jobs.ingest import Engine
+    from pipelines.task import Modality
+
+if TYPE_CHECKING:
+    from jobs.ingest import Engine
+    from pipelines.task import Modality
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 sources_app = typer.Typer(help="Register and list gallery sources (provenance and legal basis).", no_args_is_help=True)
 app.add_typer(sources_app, name="sources")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
-Modality = Annotated[str, typer.Option("--modality", help="face | image | all")]
+ModalityOpt = Annotated[str, typer.Option("--modality", help="face | image | all")]
 
 
 def _settings() -> Any:
@@ -40,7 +48,9 @@ def _lines(result: dict[str, Any]) -> str:
 @sources_app.command("add")
 def sources_add(
     source_id: str,
-    channel: Annotated[str, typer.Option(help="operator-owned | consented-enrollment | official-records | partner-transfer")],
+    channel: Annotated[
+        str, typer.Option(help="operator-owned | consented-enrollment | official-records | partner-transfer")
+    ],
     legal_basis: Annotated[str, typer.Option(help="the legal basis for holding these images")],
     terms: Annotated[str, typer.Option(help="the terms the images were obtained under")],
     registered_by: Annotated[str | None, typer.Option(help="opaque id of who registers it")] = None,
@@ -63,8 +73,13 @@ def sources_list(as_json: JsonOpt = False) -> None:
     from lance_tables.store import Gallery
 
     rows = list_sources(Gallery(_settings().lance_dir))
-    _emit({"sources": rows}, as_json, lambda r: "\n".join(
-        f"{s['source_id']}\t{s['channel']}\t{s['legal_basis']}" for s in r["sources"]) or "no sources")
+    _emit(
+        {"sources": rows},
+        as_json,
+        lambda r: (
+            "\n".join(f"{s['source_id']}\t{s['channel']}\t{s['legal_basis']}" for s in r["sources"]) or "no sources"
+        ),
+    )
 
 
 @app.command()
@@ -86,18 +101,24 @@ def pack(
     settings = _settings()
     require_registered(Gallery(settings.lance_dir), {source})
     meta = read_metadata_csv(metadata) if metadata else None
-    report = pack_folder(images_dir, shards_dir, source, rows_per_shard or settings.rows_per_shard,
-                         settings.max_image_bytes, meta)
-    _emit(asdict(report), as_json, lambda r: (
-        f"packed {r['distinct']} distinct images from {r['files']} files into {len(r['shards'])} shard(s); "
-        f"{r['duplicates']} duplicate(s), {len(r['oversize'])} over the byte cap, "
-        f"{len(r['skipped_hidden'])} hidden file(s) not packed"))
+    report = pack_folder(
+        images_dir, shards_dir, source, rows_per_shard or settings.rows_per_shard, settings.max_image_bytes, meta
+    )
+    _emit(
+        asdict(report),
+        as_json,
+        lambda r: (
+            f"packed {r['distinct']} distinct images from {r['files']} files into {len(r['shards'])} shard(s); "
+            f"{r['duplicates']} duplicate(s), {len(r['oversize'])} over the byte cap, "
+            f"{len(r['skipped_hidden'])} hidden file(s) not packed"
+        ),
+    )
 
 
 @app.command()
 def ingest(
     shards_dir: Path,
-    modality: Modality = "all",
+    modality: ModalityOpt = "all",
     engine: Annotated[str, typer.Option(help="local | ray")] = "ray",
     face_model: Annotated[str | None, typer.Option(help="face model id (default from settings)")] = None,
     image_model: Annotated[str | None, typer.Option(help="image model id (default from settings)")] = None,
@@ -108,8 +129,15 @@ def ingest(
 
     _choice("--modality", modality, ("face", "image", "all"))
     _choice("--engine", engine, ("local", "ray"))
-    result = run_ingest(_settings(), shards_dir, modality, engine, face_model, image_model,  # type: ignore[arg-type]
-                        progress=sys.stderr.isatty())
+    result = run_ingest(
+        _settings(),
+        shards_dir,
+        cast("Modality", modality),
+        cast("Engine", engine),
+        face_model,
+        image_model,
+        progress=sys.stderr.isatty(),
+    )
     _emit(result, as_json, _ingest_human)
 
 
@@ -138,8 +166,31 @@ def import_embeddings(
 
     _choice("--modality", modality, ("face", "image"))
     result = run_import(_settings(), file, source, model_id, modality, dim)  # type: ignore[arg-type]
-    _emit(result, as_json, lambda r: f"imported {r['imported']} of {r['rows']} rows; quarantined "
-                                     f"{r['quarantined']} {r['quarantine_reasons']}")
+    _emit(
+        result,
+        as_json,
+        lambda r: (
+            f"imported {r['imported']} of {r['rows']} rows; quarantined {r['quarantined']} {r['quarantine_reasons']}"
+        ),
+    )
+
+
+@app.command()
+def models(as_json: JsonOpt = False) -> None:
+    """Known model ids, vector widths, and whether their weights are available here without a download."""
+    from pipelines.models import model_catalogue
+
+    settings = _settings()
+    rows = model_catalogue(settings.resolved_models_dir, [settings.face_model, settings.image_model])
+    _emit(
+        {"models_dir": str(settings.resolved_models_dir), "models": rows},
+        as_json,
+        lambda r: "\n".join(
+            f"{m['model_id']:<40} {m['kind']:<6} {m['dim']:>5}d  "
+            + ("UNTRAINED (tests/demo only)" if m["untrained"] else ("weights: " + (m["weights"] or "MISSING")))
+            for m in r["models"]
+        ),
+    )
 
 
 @app.command()

@@ -33,12 +33,12 @@ def expected_dim(gallery: Gallery, model_id: str, modality: Modality, dim: int |
     table = gallery.open("image_embeddings")
     known = image_spec(model_id).dim if "/" in model_id or model_id == "clip-untrained" else None
     have = table.schema.field("vector").type.list_size if table is not None else None
-    width = known or have or dim
-    if width is None:
+    image_width = known or have or dim
+    if image_width is None:
         raise Refused(f"cannot tell the width of {model_id!r} vectors: pass --dim")
-    if have is not None and have != width:
-        raise Refused(f"the image_embeddings table holds {have}-d vectors; {model_id!r} is {width}-d")
-    return width
+    if have is not None and have != image_width:
+        raise Refused(f"the image_embeddings table holds {have}-d vectors; {model_id!r} is {image_width}-d")
+    return int(image_width)
 
 
 def run_import(
@@ -59,8 +59,14 @@ def run_import(
         imported += len(result.rows)
         quarantined += result.quarantine
     summary = summarise(quarantined, imported, offset)
-    return summary | {"file": str(path), "source_id": source_id, "model_id": model_id, "modality": modality,
-                      "dim": width, "table_version": gallery.version("faces" if modality == "face" else "image_embeddings")}
+    return summary | {
+        "file": str(path),
+        "source_id": source_id,
+        "model_id": model_id,
+        "modality": modality,
+        "dim": width,
+        "table_version": gallery.version("faces" if modality == "face" else "image_embeddings"),
+    }
 
 
 def _commit(
@@ -68,9 +74,16 @@ def _commit(
 ) -> None:
     now = dt.datetime.now(dt.UTC)
     qrows = [
-        q | {"quarantine_id": hashlib.sha256(f"{key}|{q['item_id']}|import".encode()).hexdigest()[:32],
-             "source_id": source_id, "uri": None, "stage": "import", "reason": str(q["reason"]), "shard_key": key,
-             "quarantined_at": now}
+        q
+        | {
+            "quarantine_id": hashlib.sha256(f"{key}|{q['item_id']}|import".encode()).hexdigest()[:32],
+            "source_id": source_id,
+            "uri": None,
+            "stage": "import",
+            "reason": str(q["reason"]),
+            "shard_key": key,
+            "quarantined_at": now,
+        }
         for q in result.quarantine
     ]
     gallery.upsert("quarantine", to_arrow(qrows, QUARANTINE))
@@ -79,9 +92,17 @@ def _commit(
     digest = f"imported:sha256:{key}"
     id_col = "face_id" if modality == "face" else "embedding_id"
     rows = [
-        r | {id_col: embedding_id(f"{source_id}|{r['record_id']}", model_id), "image_id": None,
-             "source_id": source_id, "model_id": model_id, "weights_digest": digest, "origin": "imported",
-             "shard_key": key, "ingested_at": now}
+        r
+        | {
+            id_col: embedding_id(f"{source_id}|{r['record_id']}", model_id),
+            "image_id": None,
+            "source_id": source_id,
+            "model_id": model_id,
+            "weights_digest": digest,
+            "origin": "imported",
+            "shard_key": key,
+            "ingested_at": now,
+        }
         for r in result.rows
     ]
     schema = FACES if modality == "face" else image_embeddings_schema(dim)

@@ -108,8 +108,16 @@ def _progress(outputs: Iterator[ShardOutput], total: int, enabled: bool) -> Iter
 
 
 def _summary(
-    task: IngestTask, engine: str, shards: int, processed: int, skipped: int, totals: Counter[str],
-    reasons: Counter[str], elapsed: float, notices: list[str], gallery: Gallery,
+    task: IngestTask,
+    engine: str,
+    shards: int,
+    processed: int,
+    skipped: int,
+    totals: Counter[str],
+    reasons: Counter[str],
+    elapsed: float,
+    notices: list[str],
+    gallery: Gallery,
 ) -> dict[str, Any]:
     images = totals["distinct_images"]
     return {

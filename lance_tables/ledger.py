@@ -40,9 +40,16 @@ def _ledger_rows(output: ShardOutput, task: IngestTask) -> pa.Table:
     if item.do_image:
         parts.append((task.image_part(), stats["image_embeddings"], common))
     rows = [
-        {"ledger_key": ledger_key(item.shard_key, part), "shard_key": item.shard_key, "shard_uri": item.shard_uri,
-         "task": part, "images": stats["distinct_images"], "embedded": embedded, "quarantined": quarantined,
-         "finished_at": now}
+        {
+            "ledger_key": ledger_key(item.shard_key, part),
+            "shard_key": item.shard_key,
+            "shard_uri": item.shard_uri,
+            "task": part,
+            "images": stats["distinct_images"],
+            "embedded": embedded,
+            "quarantined": quarantined,
+            "finished_at": now,
+        }
         for part, embedded, quarantined in parts
     ]
     return pa.Table.from_pylist(rows, schema=LEDGER)

@@ -65,9 +65,11 @@ FACES = pa.schema(
         pa.field("face_id", pa.string(), nullable=False),
         *_gallery_fields(),
         pa.field("face_index", pa.int32()),
-        pa.field("box", pa.list_(pa.float32(), 4)),
+        pa.field("box", pa.list_(pa.float32())),  # x1 y1 x2 y2 (null for imported vectors)
         pa.field("det_prob", pa.float32()),
-        pa.field("landmarks", pa.list_(pa.float32(), 10)),
+        pa.field(
+            "landmarks", pa.list_(pa.float32())
+        ),  # 5 points x y; plain lists: LanceDB treats fixed-size float lists as vectors
         pa.field("vector", pa.list_(pa.float32(), FACE_DIM), nullable=False),
         *_provenance_fields(),
     ]
@@ -133,6 +135,8 @@ def to_arrow(rows: list[dict[str, Any]], schema: pa.Schema, vectors: np.ndarray 
     base = {n: [r.get(n) for r in rows] for n in others}
     dim = schema.field("vector").type.list_size
     flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
-    columns = [pa.array(base[n], schema.field(n).type) if n != "vector" else
-               pa.FixedSizeListArray.from_arrays(flat, dim) for n in schema.names]
+    columns = [
+        pa.array(base[n], schema.field(n).type) if n != "vector" else pa.FixedSizeListArray.from_arrays(flat, dim)
+        for n in schema.names
+    ]
     return pa.Table.from_arrays(columns, schema=schema)

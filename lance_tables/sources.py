@@ -53,7 +53,8 @@ def require_registered(gallery: Gallery, source_ids: set[str]) -> None:
     if missing:
         raise Refused(
             f"unregistered source(s): {', '.join(missing)}. Register each with "
-            "`gallerymatch sources add SOURCE_ID --channel CH --legal-basis TEXT --terms TEXT` first; nothing was ingested."
+            "`gallerymatch sources add SOURCE_ID --channel CH --legal-basis TEXT --terms TEXT` first; "
+            "nothing was done."
         )
 
 

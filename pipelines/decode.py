@@ -66,7 +66,7 @@ def decode_image(data: bytes | None, limits: DecodeLimits) -> Decoded | Rejected
 
 
 def _decode(data: bytes, limits: DecodeLimits) -> Decoded | Rejected:
-    img = Image.open(io.BytesIO(data), formats=list(limits.formats))
+    img: Image.Image = Image.open(io.BytesIO(data), formats=list(limits.formats))
     fmt = img.format or "UNKNOWN"
     width, height = img.size
     if width <= 0 or height <= 0:

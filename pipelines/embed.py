@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from lance_tables.schemas import FACES, IMAGES, QUARANTINE, image_embeddings_schema, to_arrow
@@ -65,8 +64,9 @@ class EmbedStage:
         now = dt.datetime.now(dt.UTC)
         out = ShardOutput(prep.item)
         key = prep.item.shard_key
-        out.tables["quarantine"] = to_arrow([q | {"shard_key": key, "quarantined_at": now} for q in prep.quarantine],
-                                          QUARANTINE)
+        out.tables["quarantine"] = to_arrow(
+            [q | {"shard_key": key, "quarantined_at": now} for q in prep.quarantine], QUARANTINE
+        )
         out.tables["images"] = to_arrow([r | {"shard_key": key, "ingested_at": now} for r in prep.images], IMAGES)
         if prep.item.do_face and self.face is not None:
             out.tables["faces"] = self._faces(prep, now)
@@ -81,10 +81,17 @@ class EmbedStage:
         vectors = self.face.embed(prep.face_crops)
         model, digest = self.face.model_id, self.face.weights_digest
         rows = [
-            {k: v for k, v in meta.items() if k != "uri" and k != "captured_at"}
-            | {"face_id": face_id(meta["image_id"], meta["face_index"], model), "record_id": None,
-               "vector": vec, "model_id": model, "weights_digest": digest, "origin": "detected",
-               "shard_key": prep.item.shard_key, "ingested_at": now}
+            {k: v for k, v in meta.items() if k not in {"uri", "captured_at"}}
+            | {
+                "face_id": face_id(meta["image_id"], meta["face_index"], model),
+                "record_id": None,
+                "vector": vec,
+                "model_id": model,
+                "weights_digest": digest,
+                "origin": "detected",
+                "shard_key": prep.item.shard_key,
+                "ingested_at": now,
+            }
             for meta, vec in zip(prep.faces, vectors, strict=True)
         ]
         return to_arrow(rows, FACES, vectors)
@@ -95,9 +102,16 @@ class EmbedStage:
         model, digest = self.image.model_id, self.image.weights_digest
         rows = [
             {k: meta[k] for k in ("image_id", "source_id", "subject_id", "minor")}
-            | {"embedding_id": embedding_id(meta["image_id"], model), "record_id": None, "vector": vec,
-               "model_id": model, "weights_digest": digest, "origin": "embedded",
-               "shard_key": prep.item.shard_key, "ingested_at": now}
+            | {
+                "embedding_id": embedding_id(meta["image_id"], model),
+                "record_id": None,
+                "vector": vec,
+                "model_id": model,
+                "weights_digest": digest,
+                "origin": "embedded",
+                "shard_key": prep.item.shard_key,
+                "ingested_at": now,
+            }
             for meta, vec in zip(prep.clip_rows, vectors, strict=True)
         ]
         return to_arrow(rows, image_embeddings_schema(self.image.dim), vectors)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -32,9 +31,7 @@ class FaceDetector:
         self.min_prob = min_prob
         self.max_side = max_side
         self.batch_size = batch_size
-        self.mtcnn = MTCNN(
-            image_size=CROP_SIZE, margin=0, min_face_size=min_face_size, keep_all=True, device=device
-        )
+        self.mtcnn = MTCNN(image_size=CROP_SIZE, margin=0, min_face_size=min_face_size, keep_all=True, device=device)
 
     def detect(self, images: list[Image.Image]) -> list[list[Face]]:
         """One list of faces per image (empty when none), largest face first."""

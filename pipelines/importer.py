@@ -35,15 +35,17 @@ def open_embeddings(path: Path) -> pq.ParquetFile:
         raise Refused(f"{path} does not exist")
     try:
         handle = pq.ParquetFile(path)
-    except Exception as exc:  # noqa: BLE001 - not Parquet at all
+    except Exception as exc:
         raise Refused(f"{path} is not a readable Parquet file: {exc}") from exc
     names = handle.schema_arrow.names
     missing = [c for c in ("record_id", "embedding") if c not in names]
     if missing:
         raise Refused(f"{path} lacks the required column(s) {', '.join(missing)} (contract: record_id, embedding)")
-    if not pa.types.is_list(handle.schema_arrow.field("embedding").type) and not pa.types.is_fixed_size_list(
-        handle.schema_arrow.field("embedding").type
-    ) and not pa.types.is_large_list(handle.schema_arrow.field("embedding").type):
+    if (
+        not pa.types.is_list(handle.schema_arrow.field("embedding").type)
+        and not pa.types.is_fixed_size_list(handle.schema_arrow.field("embedding").type)
+        and not pa.types.is_large_list(handle.schema_arrow.field("embedding").type)
+    ):
         raise Refused(f"{path}: column 'embedding' must be a list of floats")
     return handle
 
@@ -111,5 +113,10 @@ def _vector_problem(vector: np.ndarray) -> tuple[Reason, str] | None:
 
 def summarise(quarantine: list[dict[str, Any]], imported: int, rows: int) -> dict[str, Any]:
     reasons = Counter(q["reason"].value if isinstance(q["reason"], Reason) else q["reason"] for q in quarantine)
-    return {"rows": rows, "imported": imported, "quarantined": sum(reasons.values()),
-            "quarantine_reasons": dict(sorted(reasons.items())), "finished_at": dt.datetime.now(dt.UTC).isoformat()}
+    return {
+        "rows": rows,
+        "imported": imported,
+        "quarantined": sum(reasons.values()),
+        "quarantine_reasons": dict(sorted(reasons.items())),
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+    }

@@ -14,6 +14,7 @@ from pipelines.errors import ModelWeightsUnavailable, Refused
 FACE_DIM = 512
 UNTRAINED_SEED = 20240402
 UNTRAINED_CLIP_ARCH = "ViT-B-32"
+UNTRAINED_CLIP_DIM = 512  # ViT-B-32 embed_dim; checked by a test against open_clip's config
 FACENET_RELEASE = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/"
 FACENET_FILES = {
     "facenet-vggface2": ("vggface2", "20180402-114759-vggface2.pt"),
@@ -47,19 +48,18 @@ def face_spec(model_id: str) -> ModelSpec:
 
 def image_spec(model_id: str) -> ModelSpec:
     """Validate an image model id: `clip-untrained` or `<open_clip architecture>/<pretrained tag>`."""
+    if model_id == CLIP_UNTRAINED:  # known width: no need to import open_clip (slow) in the driver
+        return ModelSpec(model_id, "image", UNTRAINED_CLIP_DIM, True)
     import open_clip
 
-    if model_id == CLIP_UNTRAINED:
-        arch = UNTRAINED_CLIP_ARCH
-    else:
-        arch, _, tag = model_id.partition("/")
-        if not tag or arch not in open_clip.list_models():
-            raise Refused(
-                f"unknown image model {model_id!r}; use '<architecture>/<pretrained tag>' "
-                f"(e.g. ViT-B-32/laion2b_s34b_b79k, see open_clip.list_pretrained()) or {CLIP_UNTRAINED!r}"
-            )
+    arch, _, tag = model_id.partition("/")
+    if not tag or arch not in open_clip.list_models():
+        raise Refused(
+            f"unknown image model {model_id!r}; use '<architecture>/<pretrained tag>' "
+            f"(e.g. ViT-B-32/laion2b_s34b_b79k, see open_clip.list_pretrained()) or {CLIP_UNTRAINED!r}"
+        )
     config = open_clip.get_model_config(arch)
-    return ModelSpec(model_id, "image", int(config["embed_dim"]), model_id == CLIP_UNTRAINED)
+    return ModelSpec(model_id, "image", int(config["embed_dim"]), False)
 
 
 def weights_digest(module: Any) -> str:
@@ -136,12 +136,12 @@ def _download_facenet(model_id: str, models_dir: Path) -> Path:
 
     dataset, _ = FACENET_FILES[model_id]
     try:
-        import torch.nn as nn
+        from torch import nn
 
         holder = nn.Module()
-        holder.load_state_dict = lambda state, *a, **k: None  # type: ignore[assignment,method-assign]
+        holder.load_state_dict = lambda state, *a, **k: None  # type: ignore[method-assign]
         load_weights(holder, dataset)  # the library's own download into the torch hub cache
-    except Exception as exc:  # noqa: BLE001 - any network failure becomes one clear message
+    except Exception as exc:
         raise ModelWeightsUnavailable(_facenet_missing(model_id, models_dir, f"download failed: {exc}")) from exc
     found = facenet_weights_file(model_id, models_dir)
     if found is None:
@@ -199,7 +199,7 @@ def _load_pretrained_clip(model_id: str, models_dir: Path, downloads: bool) -> t
             image_interpolation=preprocess_cfg.get("interpolation"),
             image_resize_mode=preprocess_cfg.get("resize_mode"),
         )
-    except Exception as exc:  # noqa: BLE001 - hub/network/format errors become one clear message
+    except Exception as exc:
         raise ModelWeightsUnavailable(_clip_missing(model_id, models_dir, f"{type(exc).__name__}: {exc}")) from exc
     return model, preprocess
 
@@ -256,5 +256,35 @@ def ensure_weights(model_id: str, models_dir: Path, downloads: bool) -> None:
         raise ModelWeightsUnavailable(_clip_missing(model_id, models_dir, "downloads are disabled"))
     try:
         open_clip.download_pretrained(cfg)
-    except Exception as exc:  # noqa: BLE001 - network errors become one clear message
+    except Exception as exc:
         raise ModelWeightsUnavailable(_clip_missing(model_id, models_dir, f"download failed: {exc}")) from exc
+
+
+def model_catalogue(models_dir: Path, configured: list[str]) -> list[dict[str, Any]]:
+    """The face ids, the untrained ids and the configured image model, with where their weights are."""
+    ids = list(dict.fromkeys([*FACENET_FILES, FACE_UNTRAINED, *configured, CLIP_UNTRAINED]))
+    rows = []
+    for model_id in ids:
+        spec = face_spec(model_id) if model_id.startswith("facenet-") else image_spec(model_id)
+        if model_id in FACENET_FILES:
+            path = facenet_weights_file(model_id, models_dir)
+        else:
+            path = None if spec.untrained else _local_clip_weights(model_id, models_dir)
+        rows.append(
+            {
+                "model_id": model_id,
+                "kind": spec.kind,
+                "dim": spec.dim,
+                "untrained": spec.untrained,
+                "weights": str(path) if path else None,
+                "available": spec.untrained or path is not None,
+            }
+        )
+    return rows
+
+
+def _local_clip_weights(model_id: str, models_dir: Path) -> Path | None:
+    import open_clip
+
+    arch, _, tag = model_id.partition("/")
+    return clip_weights_file(model_id, models_dir) or _clip_hf_cache_file(open_clip.get_pretrained_cfg(arch, tag) or {})

@@ -107,8 +107,9 @@ class PrepareStage:
         crops: list[np.ndarray] = []
         for (row, dec), faces in zip(chunk, found, strict=True):
             meta = _gallery_meta(row)
-            out.images.append(meta | {"format": dec.format, "width": dec.width, "height": dec.height,
-                                      "num_bytes": len(row["image"])})
+            out.images.append(
+                meta | {"format": dec.format, "width": dec.width, "height": dec.height, "num_bytes": len(row["image"])}
+            )
             if do_face:
                 self._add_faces(meta, faces, out, crops)
             if do_image and self.preparer is not None:
@@ -131,19 +132,31 @@ class PrepareStage:
             return results
 
     @staticmethod
-    def _add_faces(meta: dict[str, Any], faces: list[Face] | Exception, out: PreparedShard,
-                   crops: list[np.ndarray]) -> None:
+    def _add_faces(
+        meta: dict[str, Any], faces: list[Face] | Exception, out: PreparedShard, crops: list[np.ndarray]
+    ) -> None:
         if isinstance(faces, Exception):
-            out.quarantine.append(_quarantine(meta["image_id"], meta["source_id"], meta["uri"], "face",
-                                              Reason.DETECT_FAILED, faces))
+            out.quarantine.append(
+                _quarantine(meta["image_id"], meta["source_id"], meta["uri"], "face", Reason.DETECT_FAILED, faces)
+            )
             return
         if not faces:
-            out.quarantine.append(_quarantine(meta["image_id"], meta["source_id"], meta["uri"], "face",
-                                              Reason.NO_FACE, "no face above the size and probability floors"))
+            out.quarantine.append(
+                _quarantine(
+                    meta["image_id"],
+                    meta["source_id"],
+                    meta["uri"],
+                    "face",
+                    Reason.NO_FACE,
+                    "no face above the size and probability floors",
+                )
+            )
             return
         for index, face in enumerate(faces):
-            out.faces.append(meta | {"face_index": index, "box": list(face.box), "det_prob": face.prob,
-                                     "landmarks": list(face.landmarks)})
+            out.faces.append(
+                meta
+                | {"face_index": index, "box": list(face.box), "det_prob": face.prob, "landmarks": list(face.landmarks)}
+            )
             crops.append(face.crop)
 
 

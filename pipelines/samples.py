@@ -47,8 +47,10 @@ def encode(img: Image.Image, fmt: str, **params: object) -> bytes:
 def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
     """A tiny PNG that claims a huge greyscale canvas (a decompression bomb)."""
     raw = zlib.compress(b"\x00" * (width + 1) * 64, 9)
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
 

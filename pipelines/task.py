@@ -62,8 +62,7 @@ class IngestTask:
         """Ledger name of the face part: the model and every setting that changes its rows."""
         limits = f"{self.limits.max_bytes}:{self.limits.max_pixels}:{','.join(self.limits.formats)}"
         return (
-            f"face:{self.face_model}:min{self.face_min_size}:p{self.face_min_prob}:"
-            f"side{self.detect_max_side}:{limits}"
+            f"face:{self.face_model}:min{self.face_min_size}:p{self.face_min_prob}:side{self.detect_max_side}:{limits}"
         )
 
     def image_part(self) -> str:

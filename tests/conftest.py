@@ -9,10 +9,10 @@ import pytest
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from lance_tables.sources import add_source  # noqa: E402
-from lance_tables.store import Gallery  # noqa: E402
-from pipelines.settings import Settings  # noqa: E402
-from pipelines.shards import pack_folder  # noqa: E402
+from lance_tables.sources import add_source
+from lance_tables.store import Gallery
+from pipelines.settings import Settings
+from pipelines.shards import pack_folder
 
 FACE = "facenet-untrained"
 IMAGE = "clip-untrained"

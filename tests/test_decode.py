@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipelines import samples
-from pipelines.decode import DecodeLimits, Decoded, Rejected, decode_image
+from pipelines.decode import Decoded, DecodeLimits, Rejected, decode_image
 from pipelines.settings import DEFAULT_FORMATS
 from pipelines.vocab import Reason
 

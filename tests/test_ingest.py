@@ -50,9 +50,15 @@ def test_every_image_is_embedded_or_quarantined(reference: tuple[Settings, dict]
     assert len(embedded) + len(decode_q) == distinct  # image modality
     assert not (with_faces & no_face) and not (embedded & decode_q)
     reasons = {q["uri"].split("/")[-1]: q["reason"] for q in quarantine}
-    assert reasons == {"truncated.jpg": "TRUNCATED", "page.jpg": "UNSUPPORTED_FORMAT", "empty.jpg": "EMPTY",
-                       "bomb.png": "TOO_MANY_PIXELS", "coffee.jpg": "NO_FACE", "chelsea.jpg": "NO_FACE",
-                       "rocket.jpg": "NO_FACE"}
+    assert reasons == {
+        "truncated.jpg": "TRUNCATED",
+        "page.jpg": "UNSUPPORTED_FORMAT",
+        "empty.jpg": "EMPTY",
+        "bomb.png": "TOO_MANY_PIXELS",
+        "coffee.jpg": "NO_FACE",
+        "chelsea.jpg": "NO_FACE",
+        "rocket.jpg": "NO_FACE",
+    }
     assert set(BAD_INPUTS) <= set(reasons)
     uris = {r["uri"].split("/")[-1] for r in table_rows(settings, "images")}
     assert set(tricky_inputs()) <= uris  # CMYK, 16-bit, rotated, animated... all decoded
@@ -62,8 +68,12 @@ def test_face_rows_carry_the_contract_fields(reference: tuple[Settings, dict]) -
     settings, summary = reference
     faces = table_rows(settings, "faces")
     assert summary["faces"] == len(faces) == 12  # astronaut, camera, a group of three, 7 awkward copies
-    group = [f for f in faces if f["image_id"] in {
-        r["image_id"] for r in table_rows(settings, "images") if r["uri"].endswith("group-of-three.jpg")}]
+    group = [
+        f
+        for f in faces
+        if f["image_id"]
+        in {r["image_id"] for r in table_rows(settings, "images") if r["uri"].endswith("group-of-three.jpg")}
+    ]
     assert sorted(f["face_index"] for f in group) == [0, 1, 2]
     for face in faces:
         assert len(face["vector"]) == 512 and len(face["box"]) == 4 and len(face["landmarks"]) == 10
@@ -100,13 +110,14 @@ def test_unregistered_source_is_refused_before_any_work(settings: Settings, samp
 
 def test_missing_weights_refused_before_any_work(settings: Settings, sample_shards: Path) -> None:
     register(settings)
-    with pytest.raises(ModelWeightsUnavailable, match="20180402-114759-vggface2.pt"):
+    with pytest.raises(ModelWeightsUnavailable, match=r"20180402-114759-vggface2\.pt"):
         run_ingest(settings, sample_shards, face_model="facenet-vggface2", image_model=IMAGE, progress=False)
     assert Gallery(settings.lance_dir).names() == ["sources"]
 
 
-def test_modalities_add_up_and_resume_per_part(settings: Settings, sample_shards: Path,
-                                              reference: tuple[Settings, dict]) -> None:
+def test_modalities_add_up_and_resume_per_part(
+    settings: Settings, sample_shards: Path, reference: tuple[Settings, dict]
+) -> None:
     register(settings)
     face_only = ingest(settings, sample_shards, modality="face")
     assert face_only["image_embeddings"] == 0 and face_only["faces"] == 12
@@ -191,8 +202,9 @@ def _ledger_rows(settings: Settings) -> int:
 
 
 @pytest.mark.slow
-def test_ray_engine_gives_the_same_rows_as_local(tmp_path: Path, sample_shards: Path,
-                                                 reference: tuple[Settings, dict]) -> None:
+def test_ray_engine_gives_the_same_rows_as_local(
+    tmp_path: Path, sample_shards: Path, reference: tuple[Settings, dict]
+) -> None:
     settings = make_settings(tmp_path / "ray")
     register(settings)
     summary = ingest(settings, sample_shards, engine="ray")

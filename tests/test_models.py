@@ -33,12 +33,12 @@ def test_missing_face_weights_name_the_file_and_the_remedy(tmp_path: Path) -> No
     message = str(info.value)
     assert "20180402-114759-vggface2.pt" in message
     assert str(tmp_path) in message and "GALLERYMATCH_MODELS_DIR" in message
-    with pytest.raises(ModelWeightsUnavailable, match="20180408-102900-casia-webface.pt"):
+    with pytest.raises(ModelWeightsUnavailable, match=r"20180408-102900-casia-webface\.pt"):
         ensure_weights("facenet-casia-webface", tmp_path, downloads=False)
 
 
 def test_missing_clip_weights_name_the_folder(tmp_path: Path) -> None:
-    with pytest.raises(ModelWeightsUnavailable, match="open_clip_model.safetensors") as info:
+    with pytest.raises(ModelWeightsUnavailable, match=r"open_clip_model\.safetensors") as info:
         load_clip_model("ViT-B-32/laion2b_s34b_b79k", tmp_path, downloads=False, device="cpu")
     assert str(tmp_path / "open_clip" / "ViT-B-32" / "laion2b_s34b_b79k") in str(info.value)
 
@@ -64,8 +64,12 @@ def test_face_weights_are_read_from_the_models_dir_first(tmp_path: Path) -> None
 
 
 def test_untrained_clip_is_labelled_and_reproducible(tmp_path: Path) -> None:
+    import open_clip
+
+    from pipelines.models import UNTRAINED_CLIP_ARCH
+
     spec = image_spec("clip-untrained")
-    assert spec.untrained and spec.dim == 512
+    assert spec.untrained and spec.dim == open_clip.get_model_config(UNTRAINED_CLIP_ARCH)["embed_dim"]
     _, _, first = load_clip_model("clip-untrained", tmp_path, False, "cpu")
     _, _, second = load_clip_model("clip-untrained", tmp_path, False, "cpu")
     assert first == second

@@ -26,8 +26,13 @@ def test_accepted_channels(settings: Settings, channel: str) -> None:
 
 @pytest.mark.parametrize(
     ("channel", "why"),
-    [("web-scrape", "forbidden"), ("social-media", "forbidden"), ("bulk-cctv", "forbidden"),
-     ("purchased-dataset", "not on the accepted list"), ("", "not on the accepted list")],
+    [
+        ("web-scrape", "forbidden"),
+        ("social-media", "forbidden"),
+        ("bulk-cctv", "forbidden"),
+        ("purchased-dataset", "not on the accepted list"),
+        ("", "not on the accepted list"),
+    ],
 )
 def test_refused_channels_store_nothing(settings: Settings, channel: str, why: str) -> None:
     gallery = Gallery(settings.lance_dir)
@@ -54,7 +59,7 @@ def test_pack_is_deterministic_and_counts_duplicates(sample_folder: Path, tmp_pa
     (sample_folder / ".DS_Store").write_bytes(b"junk")
     try:
         first = pack_folder(sample_folder, tmp_path / "a", "archive", rows_per_shard=4, max_bytes=50 * MB)
-        second = pack_folder(sample_folder, tmp_path / "b", "archive", rows_per_shard=4, max_bytes=50 * MB)
+        pack_folder(sample_folder, tmp_path / "b", "archive", rows_per_shard=4, max_bytes=50 * MB)
     finally:
         (sample_folder / ".DS_Store").unlink()
     files = sorted(p for p in sample_folder.rglob("*") if p.is_file() and p.name != ".DS_Store")

@@ -12,6 +12,7 @@ from pipelines.embed import EmbedStage, ShardOutput
 from pipelines.prepare import PrepareStage
 from pipelines.task import IngestTask, WorkItem
 
+
 def start_ray(address: str | None, num_cpus: int | None) -> None:
     """Connect to a cluster, or start a local Ray when no address is configured."""
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # workers use this venv, not a rebuilt one
@@ -20,9 +21,9 @@ def start_ray(address: str | None, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
@@ -63,7 +64,7 @@ def run_ray(
     ctx.enable_progress_bars = False  # the job draws its own bar
     ctx.max_errored_blocks = 0  # never drop a block silently
     gpus = 1.0 if task.device != "cpu" and (torch.cuda.is_available() or ray.cluster_resources().get("GPU")) else 0.0
-    ds = ray.data.from_items([{"item": pickle.dumps(i)} for i in items], override_num_blocks=len(items))
+    ds: Any = ray.data.from_items([{"item": pickle.dumps(i)} for i in items], override_num_blocks=len(items))
     cpus = int(ray.cluster_resources().get("CPU", 2))
     prepare_actors = max(1, min(len(items), cpus - 1))  # leave a CPU for the model stage
     ds = ds.map(

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# `make demo`: the main job on the embedded default (local LanceDB under GALLERYMATCH_HOME, a local Ray).
+# Everything it uses is made here from public-domain images; nothing is downloaded but packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export GALLERYMATCH_HOME="${GALLERYMATCH_HOME:-$PWD/.gallerymatch}"
+export RAY_ENABLE_UV_RUN_RUNTIME_ENV=0
+GM=.venv/bin/gallerymatch
+PY=.venv/bin/python
+DATA="${DEMO_DATA:-$PWD/demo-data}"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "1. a sample gallery from public-domain images (scikit-image), plus awkward and hostile files"
+$PY scripts/make_sample_gallery.py "$DATA/images"
+
+step "2. models: pretrained weights are used when they are in GALLERYMATCH_MODELS_DIR, never fetched by the demo"
+$GM models
+read -r FACE_MODEL IMAGE_MODEL REASON < <($PY scripts/demo_models.py)
+if [ -n "$REASON" ]; then
+  printf '\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n'
+  printf '!! DEMO USES UNTRAINED MODELS: %s + %s\n' "$FACE_MODEL" "$IMAGE_MODEL"
+  printf '!! why: %s\n' "$REASON"
+  printf '!! Their vectors are seeded random projections: the pipeline is real, similarity means nothing.\n'
+  printf '!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n'
+else
+  printf 'using pretrained %s and %s\n' "$FACE_MODEL" "$IMAGE_MODEL"
+fi
+
+step "3. register the source with its provenance (a scraped source would be refused)"
+$GM sources add demo-archive --channel operator-owned \
+  --legal-basis "demo: public-domain images held by the operator" --terms "public domain (NASA, scikit-image)"
+$GM sources add scraped --channel web-scrape --legal-basis none --terms none || echo "(refused, as it must be)"
+
+step "4. pack the folder into Parquet image shards"
+$GM pack "$DATA/images" "$DATA/shards" --source demo-archive --rows-per-shard 6
+
+step "5. ingest on a local Ray (rerun it: finished shards are skipped)"
+$GM ingest "$DATA/shards" --engine ray --face-model "$FACE_MODEL" --image-model "$IMAGE_MODEL"
+
+step "6. what is in the gallery, and what was quarantined and why"
+$GM status
+printf '\nGallery under %s. Rerun `make demo` to see the resume: every shard is skipped.\n' "$GALLERYMATCH_HOME"
