@@ -119,7 +119,9 @@ def pack(
 def ingest(
     shards_dir: Path,
     modality: ModalityOpt = "all",
-    engine: Annotated[str, typer.Option(help="local | ray")] = "ray",
+    engine: Annotated[
+        str, typer.Option(help="ray (default) | local (in-process reference) | modal (needs an account)")
+    ] = "ray",
     face_model: Annotated[str | None, typer.Option(help="face model id (default from settings)")] = None,
     image_model: Annotated[str | None, typer.Option(help="image model id (default from settings)")] = None,
     as_json: JsonOpt = False,
@@ -128,7 +130,7 @@ def ingest(
     from jobs.ingest import run_ingest
 
     _choice("--modality", modality, ("face", "image", "all"))
-    _choice("--engine", engine, ("local", "ray"))
+    _choice("--engine", engine, ("local", "ray", "modal"))
     result = run_ingest(
         _settings(),
         shards_dir,

@@ -18,7 +18,7 @@ from pipelines.settings import Settings
 from pipelines.shards import find_shards, shard_key, shard_sources
 from pipelines.task import IngestTask, Modality, WorkItem, ledger_key
 
-Engine = Literal["local", "ray"]
+Engine = Literal["local", "ray", "modal"]
 
 
 def plan(task: IngestTask, shards: list[Path], done: set[str]) -> tuple[list[WorkItem], int]:
@@ -91,6 +91,10 @@ def _outputs(settings: Settings, task: IngestTask, items: list[WorkItem], engine
         from pipelines.engines.ray import run_ray
 
         return run_ray(task, items, settings.ray_address, settings.ray_num_cpus, settings.shards_per_model_batch)
+    if engine == "modal":
+        from pipelines.engines.modal import run_modal
+
+        return run_modal(task, items)
     from pipelines.engines.local import run_local
 
     return run_local(task, items)

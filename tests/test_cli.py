@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jobs.cli import app
@@ -94,3 +95,30 @@ def test_core_is_engine_free() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=300)
+
+
+def test_modal_worker_runs_the_same_unit_of_work(tmp_path: Path, sample_shards: Path) -> None:
+    """The Modal layer, run in-process with `.local()` (no Modal account here), matches the local engine."""
+    import pickle
+
+    from conftest import FACE, IMAGE, make_settings
+
+    from infra.modal_app import IngestWorker
+    from jobs.ingest import plan
+    from pipelines.engines.local import run_local
+    from pipelines.shards import find_shards
+    from pipelines.task import IngestTask
+
+    settings = make_settings(tmp_path / "home")
+    task = IngestTask.from_settings(settings, "face", FACE, IMAGE)
+    items, _ = plan(task, find_shards(sample_shards)[:1], set())
+    (local,) = list(run_local(task, items))
+    remote = pickle.loads(IngestWorker().process.local(pickle.dumps(task), pickle.dumps(items[0])))
+    assert remote.stats == local.stats
+    for name, table in local.tables.items():
+        other = remote.tables[name]
+        assert other.num_rows == table.num_rows
+        keys = [c for c in table.column_names if c not in ("vector", "ingested_at", "quarantined_at")]
+        assert other.select(keys).equals(table.select(keys)), name
+        if "vector" in table.column_names:
+            assert np.allclose(other["vector"].to_pylist(), table["vector"].to_pylist(), atol=1e-4)
