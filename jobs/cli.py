@@ -14,15 +14,23 @@ from pipelines.errors import GalleryMatchError
 
 if TYPE_CHECKING:
     from jobs.ingest import Engine
+    from jobs.match import MatchEngine
+    from pipelines.probes import ProbeModality
     from pipelines.task import Modality
 
 if TYPE_CHECKING:
     from jobs.ingest import Engine
+    from jobs.match import MatchEngine
+    from pipelines.probes import ProbeModality
     from pipelines.task import Modality
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 sources_app = typer.Typer(help="Register and list gallery sources (provenance and legal basis).", no_args_is_help=True)
 app.add_typer(sources_app, name="sources")
+watchlist_app = typer.Typer(help="Submit, list, show and close watchlists (batches of probes).", no_args_is_help=True)
+app.add_typer(watchlist_app, name="watchlist")
+results_app = typer.Typer(help="Summaries of result sets (candidate lists for human review).", no_args_is_help=True)
+app.add_typer(results_app, name="results")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 ModalityOpt = Annotated[str, typer.Option("--modality", help="face | image | all")]
@@ -191,6 +199,176 @@ def models(as_json: JsonOpt = False) -> None:
             f"{m['model_id']:<40} {m['kind']:<6} {m['dim']:>5}d  "
             + ("UNTRAINED (tests/demo only)" if m["untrained"] else ("weights: " + (m["weights"] or "MISSING")))
             for m in r["models"]
+        ),
+    )
+
+
+@watchlist_app.command("submit")
+def watchlist_submit(
+    probes: Path,
+    name: Annotated[str, typer.Option(help="a label for the batch")],
+    case_id: Annotated[str, typer.Option(help="the case this search serves")],
+    purpose: Annotated[str, typer.Option(help="one of the closed list: criminal-investigation, ...")],
+    legal_basis: Annotated[str, typer.Option(help="the legal basis of the search")],
+    requested_by: Annotated[str, typer.Option(help="opaque id of the requesting analyst or unit")],
+    modality: Annotated[str, typer.Option(help="face | image")] = "face",
+    model_id: Annotated[str | None, typer.Option(help="model of the probes (required for embeddings)")] = None,
+    top_k: Annotated[int | None, typer.Option(help="candidates per probe")] = None,
+    threshold: Annotated[float | None, typer.Option(help="cosine score flagged above_threshold")] = None,
+    expires: Annotated[str | None, typer.Option(help="expiry date, YYYY-MM-DD")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Register a watchlist: PROBES is a folder of photos or a Parquet of probe embeddings (needs --model-id)."""
+    import datetime as dt
+
+    from jobs.watchlist import Submission, submit
+
+    _choice("--modality", modality, ("face", "image"))
+    try:
+        expiry = dt.date.fromisoformat(expires) if expires else None
+    except ValueError as exc:
+        raise GalleryMatchError(f"--expires must be a date YYYY-MM-DD, got {expires!r}") from exc
+    sub = Submission(
+        probes,
+        name,
+        case_id,
+        purpose,
+        legal_basis,
+        requested_by,
+        cast("ProbeModality", modality),
+        model_id,
+        top_k,
+        threshold,
+        expiry,
+    )
+    result = submit(_settings(), sub)
+    _emit(result, as_json, _submit_human)
+
+
+def _submit_human(r: dict[str, Any]) -> str:
+    lines = [
+        f"watchlist {r['watchlist_id']}: {r['probes']} probe(s), model {r['model_id']}, "
+        f"top-{r['top_k']}, threshold {r['threshold']}, expires {r['expires_at']:%Y-%m-%d}"
+    ]
+    for item in r["inputs"]:
+        got = f"{len(item['probes'])} probe(s)" if item["probes"] else f"no probe: {item['reason']}"
+        lines.append(f"  {item['uri']}: {got} ({item['detail']})")
+    return "\n".join(lines)
+
+
+@watchlist_app.command("list")
+def watchlist_list(as_json: JsonOpt = False) -> None:
+    """Watchlists, newest first."""
+    from lance_tables.store import Gallery
+    from lance_tables.watchlists import list_watchlists
+
+    rows = list_watchlists(Gallery(_settings().lance_dir))
+    _emit(
+        {"watchlists": rows},
+        as_json,
+        lambda r: (
+            "\n".join(
+                f"{w['watchlist_id']}  {w['status']:<6} {w['case_id']:<16} {w['purpose']:<26} {w['probes']:>4} probes"
+                for w in r["watchlists"]
+            )
+            or "no watchlists"
+        ),
+    )
+
+
+@watchlist_app.command("show")
+def watchlist_show(watchlist_id: str, as_json: JsonOpt = False) -> None:
+    """One watchlist and its probes."""
+    from lance_tables.store import Gallery
+    from lance_tables.watchlists import get_watchlist, read_probes
+
+    gallery = Gallery(_settings().lance_dir)
+    record = get_watchlist(gallery, watchlist_id)
+    probes, _ = read_probes(gallery, watchlist_id)
+    _emit(record | {"probe_list": probes}, as_json, lambda r: _lines({k: v for k, v in r.items() if k != "probe_list"}))
+
+
+@watchlist_app.command("close")
+def watchlist_close(
+    watchlist_id: str,
+    closed_by: Annotated[str, typer.Option(help="opaque id of who closes it")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Close a watchlist: it is no longer matched."""
+    from lance_tables.store import Gallery
+    from lance_tables.watchlists import close_watchlist
+
+    record = close_watchlist(Gallery(_settings().lance_dir), watchlist_id, closed_by)
+    _emit(record, as_json, lambda r: f"watchlist {r['watchlist_id']} is {r['status']}")
+
+
+@app.command()
+def match(
+    watchlist_id: str,
+    engine: Annotated[str, typer.Option(help="local | ray")] = "local",
+    as_json: JsonOpt = False,
+) -> None:
+    """Match every probe of a watchlist against the whole gallery of its model (exact) into a result set."""
+    from jobs.match import run_match
+
+    _choice("--engine", engine, ("local", "ray"))
+    result = run_match(_settings(), watchlist_id, cast("MatchEngine", engine))
+    _emit(
+        result,
+        as_json,
+        lambda r: (
+            f"run {r['run_id']}: {r['probes']} probe(s) x gallery version {r['gallery_version']} -> "
+            f"{r['candidates']} candidate(s), {r['above_threshold']} at or above {r['threshold']}\n"
+            f"result set: {r['path']}\nCandidates are for human review; they are not identifications."
+        ),
+    )
+
+
+@results_app.command("list")
+def results_list(as_json: JsonOpt = False) -> None:
+    """Every complete result set, newest first."""
+    from pipelines.results import list_runs
+
+    runs = list_runs(_settings().results_dir)
+    _emit(
+        {"runs": runs},
+        as_json,
+        lambda r: (
+            "\n".join(
+                f"{m['run_id']}  {m['watchlist_id']}  {m['case_id']:<16} {m['candidates']:>6} candidates  "
+                f"{m['above_threshold']:>4} above threshold"
+                for m in r["runs"]
+            )
+            or "no result sets"
+        ),
+    )
+
+
+@results_app.command("show")
+def results_show(
+    run_id: str,
+    limit: Annotated[int, typer.Option(help="candidates shown per probe")] = 5,
+    as_json: JsonOpt = False,
+) -> None:
+    """One result set: its manifest and the best candidates of each probe."""
+    from pipelines.errors import Refused
+    from pipelines.results import find_run, read_run
+
+    manifest = find_run(_settings().results_dir, run_id)
+    if manifest is None:
+        raise Refused(f"no result set {run_id!r}; see `gallerymatch results list`")
+    table = read_run(Path(manifest["path"]))
+    rows = [r for r in table.to_pylist() if r["rank"] <= limit]
+    _emit(
+        manifest | {"candidates_shown": rows},
+        as_json,
+        lambda r: "\n".join(
+            [r["notice"]]
+            + [
+                f"{c['probe_id']}  #{c['rank']:<3} {c['score']:.4f} {'*' if c['above_threshold'] else ' '} "
+                f"{c['gallery_id']}  image {c['image_id']}  source {c['source_id']}"
+                for c in r["candidates_shown"]
+            ]
         ),
     )
 

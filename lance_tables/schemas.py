@@ -115,6 +115,46 @@ LEDGER = pa.schema(
     ]
 )
 
+WATCHLISTS = pa.schema(
+    [
+        pa.field("watchlist_id", pa.string(), nullable=False),
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("case_id", pa.string(), nullable=False),
+        pa.field("purpose", pa.string(), nullable=False),
+        pa.field("legal_basis", pa.string(), nullable=False),
+        pa.field("requested_by", pa.string(), nullable=False),
+        pa.field("modality", pa.string(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("weights_digest", pa.string(), nullable=False),
+        pa.field("top_k", pa.int32(), nullable=False),
+        pa.field("threshold", pa.float32(), nullable=False),
+        pa.field("probes", pa.int32(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # open | closed
+        pa.field("created_at", TS, nullable=False),
+        pa.field("expires_at", TS, nullable=False),
+        pa.field("closed_at", TS),
+        pa.field("closed_by", pa.string()),
+    ]
+)
+
+PROBES = pa.schema(
+    [
+        pa.field("probe_id", pa.string(), nullable=False),
+        pa.field("watchlist_id", pa.string(), nullable=False),
+        pa.field("origin", pa.string(), nullable=False),  # photo | embedding
+        pa.field("photo_sha256", pa.string()),
+        pa.field("uri", pa.string()),
+        pa.field("face_index", pa.int32()),
+        pa.field("box", pa.list_(pa.float32())),
+        pa.field("det_prob", pa.float32()),
+        pa.field("subject_id", pa.string()),
+        pa.field("vector", pa.list_(pa.float32()), nullable=False),  # plain list: widths differ by model
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("weights_digest", pa.string(), nullable=False),
+        pa.field("created_at", TS, nullable=False),
+    ]
+)
+
 KEYS = {
     "sources": "source_id",
     "images": "image_id",
@@ -122,9 +162,19 @@ KEYS = {
     "image_embeddings": "embedding_id",
     "quarantine": "quarantine_id",
     "ledger": "ledger_key",
+    "watchlists": "watchlist_id",
+    "probes": "probe_id",
 }
 
-FIXED = {"sources": SOURCES, "images": IMAGES, "faces": FACES, "quarantine": QUARANTINE, "ledger": LEDGER}
+FIXED = {
+    "sources": SOURCES,
+    "images": IMAGES,
+    "faces": FACES,
+    "quarantine": QUARANTINE,
+    "ledger": LEDGER,
+    "watchlists": WATCHLISTS,
+    "probes": PROBES,
+}
 
 
 def to_arrow(rows: list[dict[str, Any]], schema: pa.Schema, vectors: np.ndarray | None = None) -> pa.Table:

@@ -29,7 +29,7 @@ class ImportBatch:
     quarantine: list[dict[str, Any]] = field(default_factory=list)
 
 
-def open_embeddings(path: Path) -> pq.ParquetFile:
+def open_embeddings(path: Path, id_column: str = "record_id") -> pq.ParquetFile:
     """Open the file and refuse, naming what is missing, when it is not in the contract's format."""
     if not path.is_file():
         raise Refused(f"{path} does not exist")
@@ -38,9 +38,9 @@ def open_embeddings(path: Path) -> pq.ParquetFile:
     except Exception as exc:
         raise Refused(f"{path} is not a readable Parquet file: {exc}") from exc
     names = handle.schema_arrow.names
-    missing = [c for c in ("record_id", "embedding") if c not in names]
+    missing = [c for c in (id_column, "embedding") if c not in names]
     if missing:
-        raise Refused(f"{path} lacks the required column(s) {', '.join(missing)} (contract: record_id, embedding)")
+        raise Refused(f"{path} lacks the required column(s) {', '.join(missing)} (contract: {id_column}, embedding)")
     if (
         not pa.types.is_list(handle.schema_arrow.field("embedding").type)
         and not pa.types.is_fixed_size_list(handle.schema_arrow.field("embedding").type)
@@ -58,10 +58,12 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def validate_batch(batch: pa.RecordBatch, dim: int, seen: set[str], file_key: str, offset: int) -> ImportBatch:
-    """Check every row; `seen` carries record ids across batches to catch duplicates."""
+def validate_batch(
+    batch: pa.RecordBatch, dim: int, seen: set[str], file_key: str, offset: int, id_column: str = "record_id"
+) -> ImportBatch:
+    """Check every row; `seen` carries ids across batches to catch duplicates."""
     out = ImportBatch()
-    ids = batch.column("record_id").cast(pa.string()).to_pylist()
+    ids = batch.column(id_column).cast(pa.string()).to_pylist()
     subjects = _optional(batch, "subject_id", pa.string())
     minors = _optional(batch, "minor", pa.bool_())
     embeddings = batch.column("embedding")
@@ -80,7 +82,7 @@ def validate_batch(batch: pa.RecordBatch, dim: int, seen: set[str], file_key: st
         seen.add(rid)
         assert vector is not None
         out.vectors.append((vector / np.linalg.norm(vector)).astype(np.float32))
-        out.rows.append({"record_id": rid, "subject_id": subjects[i], "minor": bool(minors[i] or False)})
+        out.rows.append({id_column: rid, "subject_id": subjects[i], "minor": bool(minors[i] or False)})
     return out
 
 
@@ -92,9 +94,9 @@ def _optional(batch: pa.RecordBatch, name: str, kind: pa.DataType) -> list[Any]:
 
 def _row_problem(rid: str | None, length: int | None, dim: int, seen: set[str]) -> tuple[Reason, str] | None:
     if not rid:
-        return Reason.MISSING_FIELD, "record_id is empty"
+        return Reason.MISSING_FIELD, "the id is empty"
     if rid in seen:
-        return Reason.DUPLICATE_RECORD, f"record_id {rid!r} appears more than once; the first row was kept"
+        return Reason.DUPLICATE_RECORD, f"id {rid!r} appears more than once; the first row was kept"
     if length is None:
         return Reason.MISSING_FIELD, "embedding is null"
     if length != dim:

@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     detect_batch_size: int = Field(8, ge=1, description="equal-size images per MTCNN call")
     shards_per_model_batch: int = Field(1, ge=1, description="Ray Data batch size of the model stage, in shards")
 
+    watchlist_default_days: int = Field(90, ge=1, description="expiry of a watchlist submitted without --expires")
+    watchlist_max_days: int = Field(365, ge=1, description="the latest expiry a watchlist may ask for")
+    default_top_k: int = Field(50, ge=1, le=10_000)
+    default_threshold: float = Field(0.5, ge=-1.0, le=1.0, description="cosine score flagged above_threshold")
+    match_block_rows: int = Field(65_536, ge=1, description="gallery vectors per matrix product")
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ray_address: str | None = Field(None, description="Ray cluster address; a local Ray is started when unset")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs for the local Ray (default: all)")
@@ -50,6 +56,14 @@ class Settings(BaseSettings):
     @property
     def lance_dir(self) -> Path:
         return self.home / "lance"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.home / "results"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.home / "staging"
 
     @property
     def resolved_models_dir(self) -> Path:

@@ -8,7 +8,11 @@ import pickle
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from pipelines.embed import EmbedStage, ShardOutput
+from pipelines.match_unit import MatchUnit, run_unit
+from pipelines.matcher import TopK
 from pipelines.prepare import PrepareStage
 from pipelines.task import IngestTask, WorkItem
 
@@ -83,3 +87,13 @@ def run_ray(
     )
     for row in ds.iter_rows():
         yield pickle.loads(row["output"])
+
+
+def match_ray(units: list[MatchUnit], probes: np.ndarray, address: str | None, num_cpus: int | None) -> list[TopK]:
+    """One Ray task per fragment range; the probe matrix is put in the object store once."""
+    start_ray(address, num_cpus)
+    import ray
+
+    remote = ray.remote(num_cpus=1)(run_unit)
+    probes_ref = ray.put(probes)
+    return list(ray.get([remote.remote(unit, probes_ref) for unit in units]))

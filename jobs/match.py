@@ -1,0 +1,151 @@
+"""The match job: every probe against every gallery vector of its model, exact, written as a result set."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from lance_tables.store import Gallery, sql_list
+from lance_tables.watchlists import get_watchlist, read_probes
+from pipelines.errors import Refused
+from pipelines.match_unit import MatchUnit
+from pipelines.matcher import TopK, ranked
+from pipelines.results import RESULT_SCHEMA, write_result_set
+from pipelines.settings import Settings
+from pipelines.vocab import CHILD_PROTECTION_PURPOSES
+
+MatchEngine = Literal["local", "ray"]
+
+
+def gallery_filter(model_id: str, purpose: str) -> str:
+    """Same model only; rows flagged minor only for a child-protection purpose."""
+    where = f"model_id IN {sql_list([model_id])}"
+    return where if purpose in CHILD_PROTECTION_PURPOSES else where + " AND minor = false"
+
+
+def plan_units(uri: str, version: int, where: str, k: int, block_rows: int, device: str, parts: int) -> list[MatchUnit]:
+    """Fragment ranges: contiguous, balanced by row count."""
+    import lance
+
+    fragments = lance.dataset(uri, version=version).get_fragments()
+    groups: list[list[int]] = [[] for _ in range(max(1, min(parts, len(fragments))))]
+    for i, fragment in enumerate(fragments):
+        groups[i * len(groups) // max(1, len(fragments))].append(fragment.fragment_id)
+    return [MatchUnit(uri, version, tuple(g), where, k, block_rows, device) for g in groups if g]
+
+
+def run_match(settings: Settings, watchlist_id: str, engine: MatchEngine = "local") -> dict[str, Any]:
+    if engine == "ray":  # start Ray before LanceDB's runtime exists
+        from pipelines.engines.ray import start_ray
+
+        start_ray(settings.ray_address, settings.ray_num_cpus)
+    gallery = Gallery(settings.lance_dir)
+    wl = get_watchlist(gallery, watchlist_id)
+    now = dt.datetime.now(dt.UTC)
+    if wl["status"] != "open":
+        raise Refused(f"watchlist {watchlist_id} is {wl['status']}; closed watchlists are not matched")
+    if wl["expires_at"] <= now:
+        raise Refused(f"watchlist {watchlist_id} expired on {wl['expires_at']:%Y-%m-%d}; it is no longer matched")
+    probes, vectors = read_probes(gallery, watchlist_id)
+    name = "faces" if wl["modality"] == "face" else "image_embeddings"
+    table = gallery.open(name)
+    version = int(table.version) if table is not None else 0  # pinned: latest at the start of the run
+    top = TopK(len(probes), wl["top_k"])
+    meta: dict[int, dict[str, Any]] = {}
+    if table is not None and len(probes):
+        uri = str(settings.lance_dir / f"{name}.lance")
+        where = gallery_filter(wl["model_id"], wl["purpose"])
+        parts = 1 if engine == "local" else int(settings.ray_num_cpus or 2)
+        units = plan_units(uri, version, where, wl["top_k"], settings.match_block_rows, settings.device, parts)
+        for partial in _partials(settings, engine, units, vectors):
+            top.merge(partial)
+        meta = _metadata(uri, version, name, top.all_rowids())
+    run_id = f"run-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    rows = _result_rows(wl, probes, top, meta, run_id, version, now)
+    manifest = {
+        "run_id": run_id,
+        "watchlist_id": watchlist_id,
+        "case_id": wl["case_id"],
+        "purpose": wl["purpose"],
+        "model_id": wl["model_id"],
+        "threshold": float(wl["threshold"]),
+        "top_k": int(wl["top_k"]),
+        "gallery_table": name,
+        "gallery_version": version,
+        "matched_at": now.isoformat(),
+        "engine": engine,
+        "method": "exact",
+        "probes": len(probes),
+        "candidates": rows.num_rows,
+        "above_threshold": int(np.sum(rows.column("above_threshold").to_numpy(zero_copy_only=False))),
+    }
+    path = write_result_set(settings.results_dir, settings.staging_dir, watchlist_id, run_id, rows, manifest)
+    return manifest | {"path": str(path)}
+
+
+def _partials(settings: Settings, engine: MatchEngine, units: list[MatchUnit], vectors: np.ndarray) -> list[TopK]:
+    if engine == "ray":
+        from pipelines.engines.ray import match_ray
+
+        return match_ray(units, vectors, settings.ray_address, settings.ray_num_cpus)
+    from pipelines.engines.local import match_local
+
+    return match_local(units, vectors)
+
+
+def _metadata(uri: str, version: int, name: str, rowids: np.ndarray) -> dict[int, dict[str, Any]]:
+    import lance
+
+    if len(rowids) == 0:
+        return {}
+    id_col = "face_id" if name == "faces" else "embedding_id"
+    columns = [id_col, "image_id", "source_id", "subject_id"]
+    table = lance.dataset(uri, version=version)._take_rows(rowids.tolist(), columns=columns)
+    rows = table.to_pylist()
+    return {int(r): row | {"gallery_id": row[id_col]} for r, row in zip(rowids.tolist(), rows, strict=True)}
+
+
+def _result_rows(
+    wl: dict[str, Any],
+    probes: list[dict[str, Any]],
+    top: TopK,
+    meta: dict[int, dict[str, Any]],
+    run_id: str,
+    version: int,
+    now: dt.datetime,
+) -> pa.Table:
+    ids = {rowid: m["gallery_id"] for rowid, m in meta.items()}
+    threshold = np.float32(wl["threshold"])
+    out: list[dict[str, Any]] = []
+    for row, probe in enumerate(probes):
+        for rank, (score, rowid) in enumerate(ranked(top, row, ids, wl["top_k"]), start=1):
+            m = meta[rowid]
+            out.append(
+                {
+                    "run_id": run_id,
+                    "watchlist_id": wl["watchlist_id"],
+                    "case_id": wl["case_id"],
+                    "probe_id": probe["probe_id"],
+                    "subject_id": m["subject_id"],
+                    "rank": rank,
+                    "gallery_id": m["gallery_id"],
+                    "image_id": m["image_id"],
+                    "source_id": m["source_id"],
+                    "score": np.float32(score),
+                    "above_threshold": bool(np.float32(score) >= threshold),
+                    "model_id": wl["model_id"],
+                    "gallery_version": version,
+                    "matched_at": now,
+                    "review_status": "unreviewed",
+                }
+            )
+    return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
+
+
+def results_root(settings: Settings) -> Path:
+    return settings.results_dir

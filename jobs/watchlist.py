@@ -1,0 +1,140 @@
+"""Watchlist submission: purpose binding checked first, probes made, stored only when everything is valid."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lance_tables.store import Gallery, sql_list
+from lance_tables.watchlists import store_watchlist
+from pipelines.decode import DecodeLimits
+from pipelines.errors import Refused
+from pipelines.models import face_spec, image_spec
+from pipelines.probes import PhotoModels, ProbeModality, probes_from_embeddings, probes_from_photos
+from pipelines.settings import Settings
+from pipelines.shards import check_id
+from pipelines.vocab import PURPOSES
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What the analyst asked for."""
+
+    probes: Path
+    name: str
+    case_id: str
+    purpose: str
+    legal_basis: str
+    requested_by: str
+    modality: ProbeModality = "face"
+    model_id: str | None = None
+    top_k: int | None = None
+    threshold: float | None = None
+    expires: dt.date | None = None
+
+
+def check_purpose_binding(sub: Submission, settings: Settings, now: dt.datetime) -> dt.datetime:
+    """Refuse, naming what is missing, before anything is computed or stored; return the expiry."""
+    missing = [
+        flag
+        for flag, value in (
+            ("--case-id", sub.case_id),
+            ("--legal-basis", sub.legal_basis),
+            ("--requested-by", sub.requested_by),
+            ("--name", sub.name),
+        )
+        if not (value or "").strip()
+    ]
+    if missing:
+        raise Refused(f"a watchlist needs {', '.join(missing)}: every search has a case, a purpose and a requester")
+    check_id("case id", sub.case_id)
+    check_id("requester id", sub.requested_by)
+    if sub.purpose not in PURPOSES:
+        raise Refused(f"purpose {sub.purpose!r} is not on the closed list: {', '.join(PURPOSES)}")
+    latest = now + dt.timedelta(days=settings.watchlist_max_days)
+    if sub.expires is None:
+        return now + dt.timedelta(days=settings.watchlist_default_days)
+    expires = dt.datetime.combine(sub.expires, dt.time(23, 59, 59), tzinfo=dt.UTC)
+    if expires > latest:
+        raise Refused(
+            f"expiry {sub.expires} is beyond the maximum of {settings.watchlist_max_days} days (latest {latest.date()})"
+        )
+    if expires <= now:
+        raise Refused(f"expiry {sub.expires} is in the past")
+    return expires
+
+
+def gallery_rows(gallery: Gallery, modality: ProbeModality, model_id: str) -> int:
+    table = "faces" if modality == "face" else "image_embeddings"
+    return gallery.count(table, f"model_id IN {sql_list([model_id])}")
+
+
+def submit(settings: Settings, sub: Submission) -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC)
+    expires = check_purpose_binding(sub, settings, now)
+    gallery = Gallery(settings.lance_dir)
+    model_id = sub.model_id or (settings.face_model if sub.modality == "face" else settings.image_model)
+    if sub.probes.is_dir():  # photos need a model gallerymatch can run: unknown ids are refused with the choices
+        (face_spec if sub.modality == "face" else image_spec)(model_id)
+    if gallery_rows(gallery, sub.modality, model_id) == 0:
+        raise Refused(
+            f"the gallery has no {sub.modality} embeddings of model {model_id!r}: nothing to match "
+            "against (ingest or import with that model first, or pass --model-id)"
+        )
+    probes = _make_probes(settings, sub, model_id, gallery)
+    if not probes.rows:
+        raise Refused(f"no probes could be made from {sub.probes}: {probes.report}")
+    record = {
+        "watchlist_id": "wl-" + uuid.uuid4().hex[:16],
+        "name": sub.name,
+        "case_id": sub.case_id,
+        "purpose": sub.purpose,
+        "legal_basis": sub.legal_basis,
+        "requested_by": sub.requested_by,
+        "modality": sub.modality,
+        "model_id": model_id,
+        "weights_digest": probes.weights_digest,
+        "top_k": sub.top_k or settings.default_top_k,
+        "threshold": settings.default_threshold if sub.threshold is None else sub.threshold,
+        "probes": len(probes.rows),
+        "status": "open",
+        "created_at": now,
+        "expires_at": expires,
+        "closed_at": None,
+        "closed_by": None,
+    }
+    _check_numbers(record)
+    store_watchlist(gallery, record, probes.rows, probes.vectors)
+    return {k: v for k, v in record.items() if k != "weights_digest"} | {"inputs": probes.report}
+
+
+def _check_numbers(record: dict[str, Any]) -> None:
+    if not 1 <= record["top_k"] <= 10_000:
+        raise Refused("--top-k must be between 1 and 10000")
+    if not -1.0 <= record["threshold"] <= 1.0:
+        raise Refused("--threshold is a cosine similarity: between -1 and 1")
+
+
+def _make_probes(settings: Settings, sub: Submission, model_id: str, gallery: Gallery) -> Any:
+    if sub.probes.is_dir():
+        models = PhotoModels(
+            sub.modality,
+            model_id,
+            DecodeLimits(settings.max_image_bytes, settings.max_image_pixels, settings.allowed_formats),
+            settings.face_min_size,
+            settings.face_min_prob,
+            settings.detect_max_side,
+            settings.resolved_models_dir,
+            settings.model_downloads,
+        )
+        return probes_from_photos(sub.probes, models)
+    if sub.probes.is_file():
+        if not sub.model_id:
+            raise Refused("probe embeddings need --model-id: the model that made them")
+        table = gallery.open("faces" if sub.modality == "face" else "image_embeddings")
+        dim = table.schema.field("vector").type.list_size if table is not None else image_spec(model_id).dim
+        return probes_from_embeddings(sub.probes, dim)
+    raise Refused(f"{sub.probes} is neither a folder of probe photos nor a Parquet of probe embeddings")

@@ -1,0 +1,59 @@
+"""The watchlists and probes tables: probes are written first, the watchlist row last (the commit point)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import numpy as np
+
+from lance_tables.schemas import PROBES, WATCHLISTS, to_arrow
+from lance_tables.store import Gallery, sql_list
+from pipelines.errors import Refused
+
+
+def store_watchlist(
+    gallery: Gallery, record: dict[str, Any], probes: list[dict[str, Any]], vectors: list[np.ndarray]
+) -> None:
+    now = record["created_at"]
+    rows = [
+        p
+        | {
+            "watchlist_id": record["watchlist_id"],
+            "vector": v.astype(np.float32).tolist(),
+            "model_id": record["model_id"],
+            "weights_digest": record["weights_digest"],
+            "created_at": now,
+        }
+        for p, v in zip(probes, vectors, strict=True)
+    ]
+    gallery.upsert("probes", to_arrow(rows, PROBES))
+    gallery.upsert("watchlists", to_arrow([record], WATCHLISTS))
+
+
+def get_watchlist(gallery: Gallery, watchlist_id: str) -> dict[str, Any]:
+    rows = gallery.read("watchlists", where=f"watchlist_id IN {sql_list([watchlist_id])}").to_pylist()
+    if not rows:
+        raise Refused(f"no watchlist {watchlist_id!r}; see `gallerymatch watchlist list`")
+    return dict(rows[0])
+
+
+def list_watchlists(gallery: Gallery) -> list[dict[str, Any]]:
+    table = gallery.read("watchlists")
+    return sorted(table.to_pylist(), key=lambda r: r["created_at"], reverse=True) if table.num_columns else []
+
+
+def read_probes(gallery: Gallery, watchlist_id: str) -> tuple[list[dict[str, Any]], np.ndarray]:
+    table = gallery.read("probes", where=f"watchlist_id IN {sql_list([watchlist_id])}")
+    rows = sorted(table.to_pylist(), key=lambda r: r["probe_id"]) if table.num_columns else []
+    vectors = np.array([r.pop("vector") for r in rows], dtype=np.float32)
+    return rows, vectors
+
+
+def close_watchlist(gallery: Gallery, watchlist_id: str, closed_by: str) -> dict[str, Any]:
+    record = get_watchlist(gallery, watchlist_id)
+    if record["status"] == "closed":
+        return record
+    record |= {"status": "closed", "closed_at": dt.datetime.now(dt.UTC), "closed_by": closed_by}
+    gallery.upsert("watchlists", to_arrow([record], WATCHLISTS))
+    return record
