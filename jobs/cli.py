@@ -327,9 +327,11 @@ def match(
 @results_app.command("list")
 def results_list(as_json: JsonOpt = False) -> None:
     """Every complete result set, newest first."""
-    from pipelines.results import list_runs
+    from pipelines.results import list_runs, recover
 
-    runs = list_runs(_settings().results_dir)
+    settings = _settings()
+    recover(settings.results_dir, settings.staging_dir)
+    runs = list_runs(settings.results_dir)
     _emit(
         {"runs": runs},
         as_json,

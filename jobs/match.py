@@ -15,7 +15,7 @@ from lance_tables.watchlists import get_watchlist, read_probes
 from pipelines.errors import Refused
 from pipelines.match_unit import MatchUnit
 from pipelines.matcher import TopK, ranked
-from pipelines.results import RESULT_SCHEMA, write_result_set
+from pipelines.results import RESULT_SCHEMA, recover, write_result_set
 from pipelines.settings import Settings
 from pipelines.vocab import CHILD_PROTECTION_PURPOSES
 
@@ -44,6 +44,7 @@ def run_match(settings: Settings, watchlist_id: str, engine: MatchEngine = "loca
         from pipelines.engines.ray import start_ray
 
         start_ray(settings.ray_address, settings.ray_num_cpus)
+    recover(settings.results_dir, settings.staging_dir)
     gallery = Gallery(settings.lance_dir)
     wl = get_watchlist(gallery, watchlist_id)
     now = dt.datetime.now(dt.UTC)

@@ -77,8 +77,13 @@ def submit(settings: Settings, sub: Submission) -> dict[str, Any]:
     expires = check_purpose_binding(sub, settings, now)
     gallery = Gallery(settings.lance_dir)
     model_id = sub.model_id or (settings.face_model if sub.modality == "face" else settings.image_model)
+    if sub.probes.is_file() and not sub.model_id:
+        raise Refused("probe embeddings need --model-id: the model that made them")
     if sub.probes.is_dir():  # photos need a model gallerymatch can run: unknown ids are refused with the choices
         (face_spec if sub.modality == "face" else image_spec)(model_id)
+    top_k = settings.default_top_k if sub.top_k is None else sub.top_k
+    threshold = settings.default_threshold if sub.threshold is None else sub.threshold
+    _check_numbers(top_k, threshold)
     if gallery_rows(gallery, sub.modality, model_id) == 0:
         raise Refused(
             f"the gallery has no {sub.modality} embeddings of model {model_id!r}: nothing to match "
@@ -97,8 +102,8 @@ def submit(settings: Settings, sub: Submission) -> dict[str, Any]:
         "modality": sub.modality,
         "model_id": model_id,
         "weights_digest": probes.weights_digest,
-        "top_k": sub.top_k or settings.default_top_k,
-        "threshold": settings.default_threshold if sub.threshold is None else sub.threshold,
+        "top_k": top_k,
+        "threshold": threshold,
         "probes": len(probes.rows),
         "status": "open",
         "created_at": now,
@@ -106,15 +111,14 @@ def submit(settings: Settings, sub: Submission) -> dict[str, Any]:
         "closed_at": None,
         "closed_by": None,
     }
-    _check_numbers(record)
     store_watchlist(gallery, record, probes.rows, probes.vectors)
     return {k: v for k, v in record.items() if k != "weights_digest"} | {"inputs": probes.report}
 
 
-def _check_numbers(record: dict[str, Any]) -> None:
-    if not 1 <= record["top_k"] <= 10_000:
+def _check_numbers(top_k: int, threshold: float) -> None:
+    if not 1 <= top_k <= 10_000:
         raise Refused("--top-k must be between 1 and 10000")
-    if not -1.0 <= record["threshold"] <= 1.0:
+    if not -1.0 <= threshold <= 1.0:
         raise Refused("--threshold is a cosine similarity: between -1 and 1")
 
 
@@ -132,8 +136,6 @@ def _make_probes(settings: Settings, sub: Submission, model_id: str, gallery: Ga
         )
         return probes_from_photos(sub.probes, models)
     if sub.probes.is_file():
-        if not sub.model_id:
-            raise Refused("probe embeddings need --model-id: the model that made them")
         table = gallery.open("faces" if sub.modality == "face" else "image_embeddings")
         dim = table.schema.field("vector").type.list_size if table is not None else image_spec(model_id).dim
         return probes_from_embeddings(sub.probes, dim)

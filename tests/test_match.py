@@ -1,0 +1,272 @@
+"""Watchlists and exact matching: brute-force reference, ties, blocks, engines, atomic result sets."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_settings, register
+
+from jobs.import_embeddings import run_import
+from jobs.match import run_match
+from jobs.watchlist import Submission, submit
+from lance_tables.store import Gallery
+from lance_tables.watchlists import close_watchlist
+from pipelines import results as results_mod
+from pipelines.embed import embedding_id
+from pipelines.errors import Refused
+from pipelines.results import NOTICE, RESULT_SCHEMA, list_runs, read_run, scan_results
+from pipelines.settings import Settings
+
+DIM = 16
+
+
+def sign_vectors(n: int, seed: int) -> np.ndarray:
+    """Vectors in {-1, +1}^16: after normalisation every dot product is an exact multiple of 1/16 (many ties)."""
+    return np.random.default_rng(seed).choice([-1.0, 1.0], size=(n, DIM))
+
+
+def write_embeddings(
+    path: Path, ids: list[str], vectors: np.ndarray, id_column: str = "record_id", minors: list[bool] | None = None
+) -> Path:
+    columns = {id_column: ids, "embedding": [list(v) for v in vectors]}
+    if minors is not None:
+        columns["minor"] = minors
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def brute_force(probes: np.ndarray, gallery: np.ndarray, gids: list[str], k: int) -> list[list[tuple[int, str]]]:
+    scores = probes.astype(int) @ gallery.astype(int).T  # exact integers, same order as the cosine
+    return [sorted(zip(row.tolist(), gids, strict=True), key=lambda p: (-p[0], p[1]))[:k] for row in scores]
+
+
+@pytest.fixture
+def gallery(tmp_path: Path) -> tuple[Settings, dict[str, np.ndarray], dict[str, list[str]]]:
+    """Two models side by side in one table, imported as several files (several Lance fragments)."""
+    settings = make_settings(tmp_path / "home", match_block_rows=7)
+    register(settings)
+    vectors, ids = {}, {}
+    for model, seed in (("model-a", 1), ("model-b", 2)):
+        vecs = sign_vectors(60, seed)
+        vecs[10] = vecs[3]  # exact duplicates: ties on every probe
+        vecs[11] = vecs[3]
+        records = [f"{model}-r{i:03d}" for i in range(60)]
+        for part, (start, stop) in enumerate(((0, 25), (25, 41), (41, 60))):
+            path = write_embeddings(tmp_path / f"{model}-{part}.parquet", records[start:stop], vecs[start:stop])
+            run_import(settings, path, "archive", model, "image", DIM)
+        vectors[model] = vecs
+        ids[model] = [embedding_id(f"archive|{r}", model) for r in records]
+    return settings, vectors, ids
+
+
+def watch(settings: Settings, tmp_path: Path, probes: np.ndarray, model: str = "model-a", **kw: object) -> str:
+    path = write_embeddings(
+        tmp_path / f"probes-{model}.parquet", [f"p{i}" for i in range(len(probes))], probes, id_column="probe_id"
+    )
+    sub = Submission(
+        path,
+        "batch",
+        "CASE-7",
+        kw.pop("purpose", "fraud-investigation"),
+        "basis",  # type: ignore[arg-type]
+        "analyst-1",
+        "image",
+        model,
+        **kw,
+    )  # type: ignore[arg-type]
+    return str(submit(settings, sub)["watchlist_id"])
+
+
+def result_pairs(path: str) -> dict[str, list[tuple[float, str]]]:
+    table = read_run(Path(path)).to_pylist()
+    out: dict[str, list[tuple[float, str]]] = {}
+    for row in sorted(table, key=lambda r: (r["probe_id"], r["rank"])):
+        out.setdefault(row["probe_id"], []).append((row["score"], row["gallery_id"]))
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 5, 12, 200])
+def test_exact_top_k_equals_brute_force(gallery, tmp_path: Path, k: int) -> None:  # type: ignore[no-untyped-def]
+    settings, vectors, ids = gallery
+    probes = np.vstack([sign_vectors(5, 9), vectors["model-a"][3:4], -vectors["model-a"][3:4]])
+    run = run_match(settings, watch(settings, tmp_path, probes, top_k=k))
+    got = result_pairs(run["path"])
+    expected = brute_force(probes, vectors["model-a"], ids["model-a"], k)
+    assert len(got) == len(probes)
+    for i, exp in enumerate(expected):
+        pairs = got[f"p{i}"]
+        assert len(pairs) == min(k, 60)  # K larger than the gallery gives the whole gallery
+        assert [g for _, g in pairs] == [g for _, g in exp]
+        assert np.allclose([s for s, _ in pairs], [s / DIM for s, _ in exp], atol=1e-6)
+    assert {g for pairs in got.values() for _, g in pairs} <= set(ids["model-a"])
+
+
+def test_models_are_never_mixed(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, vectors, ids = gallery
+    run = run_match(settings, watch(settings, tmp_path, vectors["model-b"][:3], model="model-b", top_k=60))
+    table = read_run(Path(run["path"]))
+    assert set(table.column("gallery_id").to_pylist()) == set(ids["model-b"])
+    assert set(table.column("model_id").to_pylist()) == {"model-b"}
+
+
+def test_threshold_edges(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, vectors, _ = gallery
+    probe = vectors["model-a"][3:4]
+    run = run_match(settings, watch(settings, tmp_path, probe, top_k=60, threshold=0.5))
+    table = read_run(Path(run["path"])).to_pylist()
+    assert any(r["score"] == 0.5 for r in table)  # a score exactly on the threshold...
+    for row in table:
+        assert row["above_threshold"] == (row["score"] >= 0.5)  # ...is flagged (at or above)
+    assert run["above_threshold"] == sum(r["above_threshold"] for r in table)
+
+
+def test_local_and_ray_give_identical_result_sets(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, vectors, _ = gallery
+    wid = watch(settings, tmp_path, np.vstack([sign_vectors(4, 5), vectors["model-a"][:2]]), top_k=9)
+    local = read_run(Path(run_match(settings, wid, "local")["path"]))
+    ray = read_run(Path(run_match(settings, wid, "ray")["path"]))
+    again = read_run(Path(run_match(settings, wid, "local")["path"]))
+    stable = [c for c in RESULT_SCHEMA.names if c not in ("run_id", "matched_at")]
+    assert local.select(stable).equals(ray.select(stable))
+    assert local.select(stable).equals(again.select(stable))  # a rerun gives identical rows
+
+
+def test_result_set_contract(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import duckdb
+    import polars as pl
+
+    settings, vectors, _ = gallery
+    run = run_match(settings, watch(settings, tmp_path, vectors["model-a"][:2], top_k=3))
+    part = next(Path(run["path"]).glob("part-*.parquet"))
+    meta = {k.decode(): v.decode() for k, v in pq.read_schema(part).metadata.items()}
+    assert meta["notice"] == NOTICE == "Candidate list for human review; not an identification."
+    assert meta["top_k"] == "3" and meta["model_id"] == "model-a"
+    assert int(meta["gallery_version"]) == run["gallery_version"] and float(meta["threshold"]) == 0.5
+    assert pq.read_schema(part).remove_metadata().equals(RESULT_SCHEMA)
+    root = settings.results_dir
+    frame = pl.scan_parquet(root, hive_partitioning=True).collect()
+    assert frame.height == 6 and set(frame["rank"].to_list()) == {1, 2, 3}
+    assert scan_results(root).filter(pl.col("rank") == 1).collect().height == 2
+    count = duckdb.sql(f"select count(*) from read_parquet('{root}/**/*.parquet', hive_partitioning=true)")
+    assert count.fetchall() == [(6,)]
+    assert [r["run_id"] for r in list_runs(root)] == [run["run_id"]]
+
+
+def test_no_candidates_is_a_valid_empty_result_set(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "home")
+    register(settings)
+    vecs = sign_vectors(5, 3)
+    run_import(
+        settings,
+        write_embeddings(tmp_path / "g.parquet", [f"r{i}" for i in range(5)], vecs, minors=[True] * 5),
+        "archive",
+        "model-a",
+        "image",
+        DIM,
+    )
+    run = run_match(settings, watch(settings, tmp_path, vecs[:2], purpose="fraud-investigation"))
+    assert run["candidates"] == 0
+    table = read_run(Path(run["path"]))
+    assert table.num_rows == 0 and table.schema.remove_metadata().equals(RESULT_SCHEMA)
+    child = run_match(settings, watch(settings, tmp_path, vecs[:2], purpose="child-safeguarding"))
+    assert child["candidates"] == 2 * 5  # minors appear only for a child-protection purpose
+
+
+def test_crash_before_the_rename_leaves_nothing_visible(
+    gallery,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import polars as pl
+
+    settings, vectors, _ = gallery
+    wid = watch(settings, tmp_path, vectors["model-a"][:2], top_k=3)
+
+    def crash(*_: object) -> None:
+        raise OSError("disk full while writing the manifest")
+
+    monkeypatch.setattr(results_mod, "_write_json", crash)
+    with pytest.raises(OSError, match="disk full"):
+        run_match(settings, wid)
+    assert any(settings.staging_dir.rglob("part-*.parquet"))  # the parts were written...
+    assert list_runs(settings.results_dir) == []  # ...but no run is visible, to the API or to a raw scan
+    assert not any(settings.results_dir.rglob("*.parquet"))
+    assert scan_results(settings.results_dir).collect().height == 0
+    assert isinstance(scan_results(settings.results_dir), pl.LazyFrame)
+    results_mod.recover(settings.results_dir, settings.staging_dir, stale_after_s=0)
+    assert not any(settings.staging_dir.iterdir())
+
+
+def test_crash_after_the_rename_is_rolled_forward(
+    gallery,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings, vectors, _ = gallery
+    wid = watch(settings, tmp_path, vectors["model-a"][:2], top_k=3)
+    real_rename = results_mod.os.rename
+
+    def rename(src: object, dst: object) -> None:
+        if str(src).endswith(results_mod.PENDING):
+            raise OSError("killed between the parts and the manifest")
+        real_rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(results_mod.os, "rename", rename)
+    with pytest.raises(OSError, match="killed"):
+        run_match(settings, wid)
+    monkeypatch.undo()
+    assert list_runs(settings.results_dir) == []
+    results_mod.recover(settings.results_dir, settings.staging_dir)
+    (run,) = list_runs(settings.results_dir)
+    assert read_run(Path(run["path"])).num_rows == run["rows"] == 6
+
+
+def test_refusals_store_nothing(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, vectors, _ = gallery
+    path = write_embeddings(tmp_path / "p.parquet", ["p0"], vectors["model-a"][:1], id_column="probe_id")
+    good = {
+        "probes": path,
+        "name": "n",
+        "case_id": "CASE-1",
+        "purpose": "criminal-investigation",
+        "legal_basis": "basis",
+        "requested_by": "analyst-1",
+        "modality": "image",
+        "model_id": "model-a",
+    }
+    too_late = dt.date.today() + dt.timedelta(days=settings.watchlist_max_days + 2)
+    cases = [
+        ({"case_id": ""}, "--case-id"),
+        ({"purpose": "curiosity"}, "closed list"),
+        ({"legal_basis": " "}, "--legal-basis"),
+        ({"requested_by": ""}, "--requested-by"),
+        ({"expires": too_late}, "beyond the maximum"),
+        ({"expires": dt.date(2000, 1, 1)}, "in the past"),
+        ({"model_id": "model-z"}, "no image embeddings of model 'model-z'"),
+        ({"model_id": None}, "need --model-id"),
+        ({"top_k": 0}, "--top-k"),
+    ]
+    for change, message in cases:
+        with pytest.raises(Refused, match=message):
+            submit(settings, Submission(**(good | change)))  # type: ignore[arg-type]
+    gallery_db = Gallery(settings.lance_dir)
+    assert gallery_db.count("watchlists") == 0 and gallery_db.count("probes") == 0
+    bad = write_embeddings(
+        tmp_path / "bad.parquet", ["p0", "p1"], np.array([[1.0] * DIM, [np.nan] * DIM]), id_column="probe_id"
+    )
+    with pytest.raises(Refused, match="NON_FINITE"):
+        submit(settings, Submission(**(good | {"probes": bad})))  # type: ignore[arg-type]
+    assert gallery_db.count("probes") == 0
+
+
+def test_closed_and_expired_watchlists_are_not_matched(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, vectors, _ = gallery
+    wid = watch(settings, tmp_path, vectors["model-a"][:1])
+    close_watchlist(Gallery(settings.lance_dir), wid, "analyst-2")
+    with pytest.raises(Refused, match="closed"):
+        run_match(settings, wid)
