@@ -14,13 +14,13 @@ from pipelines.errors import GalleryMatchError
 
 if TYPE_CHECKING:
     from jobs.ingest import Engine
-    from jobs.match import MatchEngine
+    from jobs.match import MatchEngine, Method
     from pipelines.probes import ProbeModality
     from pipelines.task import Modality
 
 if TYPE_CHECKING:
     from jobs.ingest import Engine
-    from jobs.match import MatchEngine
+    from jobs.match import MatchEngine, Method
     from pipelines.probes import ProbeModality
     from pipelines.task import Modality
 
@@ -306,13 +306,23 @@ def watchlist_close(
 def match(
     watchlist_id: str,
     engine: Annotated[str, typer.Option(help="local | ray")] = "local",
+    index: Annotated[str, typer.Option(help="exact (default) | ivf_pq (approximate; recall measured)")] = "exact",
+    nprobes: Annotated[int, typer.Option(help="IVF partitions searched (ivf_pq)")] = 20,
+    refine_factor: Annotated[int, typer.Option(help="exact re-ranking of k x this many (ivf_pq)")] = 10,
     as_json: JsonOpt = False,
 ) -> None:
-    """Match every probe of a watchlist against the whole gallery of its model (exact) into a result set."""
+    """Match every probe of a watchlist against the whole gallery of its model into a result set.
+
+    Exact by default: every probe-gallery pair is scored. `--index ivf_pq` uses a LanceDB index for very
+    large galleries and reports its recall@K measured against exact on a sample of probes.
+    """
     from jobs.match import run_match
 
     _choice("--engine", engine, ("local", "ray"))
-    result = run_match(_settings(), watchlist_id, cast("MatchEngine", engine))
+    _choice("--index", index, ("exact", "ivf_pq"))
+    result = run_match(
+        _settings(), watchlist_id, cast("MatchEngine", engine), cast("Method", index), nprobes, refine_factor
+    )
     _emit(
         result,
         as_json,

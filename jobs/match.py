@@ -20,6 +20,8 @@ from pipelines.settings import Settings
 from pipelines.vocab import CHILD_PROTECTION_PURPOSES
 
 MatchEngine = Literal["local", "ray"]
+Method = Literal["exact", "ivf_pq"]
+RECALL_SAMPLE = 20
 
 
 def gallery_filter(model_id: str, purpose: str) -> str:
@@ -39,7 +41,14 @@ def plan_units(uri: str, version: int, where: str, k: int, block_rows: int, devi
     return [MatchUnit(uri, version, tuple(g), where, k, block_rows, device) for g in groups if g]
 
 
-def run_match(settings: Settings, watchlist_id: str, engine: MatchEngine = "local") -> dict[str, Any]:
+def run_match(
+    settings: Settings,
+    watchlist_id: str,
+    engine: MatchEngine = "local",
+    method: Method = "exact",
+    nprobes: int = 20,
+    refine: int = 10,
+) -> dict[str, Any]:
     if engine == "ray":  # start Ray before LanceDB's runtime exists
         from pipelines.engines.ray import start_ray
 
@@ -55,16 +64,24 @@ def run_match(settings: Settings, watchlist_id: str, engine: MatchEngine = "loca
     probes, vectors = read_probes(gallery, watchlist_id)
     name = "faces" if wl["modality"] == "face" else "image_embeddings"
     table = gallery.open(name)
+    if method == "ivf_pq" and table is not None:
+        from lance_tables.ann import ensure_ivf_pq
+
+        ensure_ivf_pq(table)  # a new table version when the index is first built
     version = int(table.version) if table is not None else 0  # pinned: latest at the start of the run
     top = TopK(len(probes), wl["top_k"])
     meta: dict[int, dict[str, Any]] = {}
+    extra: dict[str, Any] = {}
     if table is not None and len(probes):
         uri = str(settings.lance_dir / f"{name}.lance")
         where = gallery_filter(wl["model_id"], wl["purpose"])
         parts = 1 if engine == "local" else int(settings.ray_num_cpus or 2)
         units = plan_units(uri, version, where, wl["top_k"], settings.match_block_rows, settings.device, parts)
-        for partial in _partials(settings, engine, units, vectors):
-            top.merge(partial)
+        if method == "ivf_pq":
+            top, extra = _approximate(table, version, units, vectors, where, wl["top_k"], nprobes, refine)
+        else:
+            for partial in _partials(settings, engine, units, vectors):
+                top.merge(partial)
         meta = _metadata(uri, version, name, top.all_rowids())
     run_id = f"run-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     rows = _result_rows(wl, probes, top, meta, run_id, version, now)
@@ -80,13 +97,49 @@ def run_match(settings: Settings, watchlist_id: str, engine: MatchEngine = "loca
         "gallery_version": version,
         "matched_at": now.isoformat(),
         "engine": engine,
-        "method": "exact",
+        "method": method,
         "probes": len(probes),
         "candidates": rows.num_rows,
         "above_threshold": int(np.sum(rows.column("above_threshold").to_numpy(zero_copy_only=False))),
     }
+    manifest |= extra
     path = write_result_set(settings.results_dir, settings.staging_dir, watchlist_id, run_id, rows, manifest)
     return manifest | {"path": str(path)}
+
+
+def _approximate(
+    table: Any,
+    version: int,
+    units: list[MatchUnit],
+    vectors: np.ndarray,
+    where: str,
+    k: int,
+    nprobes: int,
+    refine: int,
+) -> tuple[TopK, dict[str, Any]]:
+    """IVF_PQ search at the pinned version, and its recall@k measured against exact on a probe sample."""
+    from lance_tables.ann import search_ivf_pq
+    from pipelines.engines.local import match_local
+
+    table.checkout(version)
+    top = search_ivf_pq(table, vectors, where, k, nprobes, refine)
+    sample = min(len(vectors), RECALL_SAMPLE)
+    exact = TopK(sample, k)
+    for partial in match_local(units, vectors[:sample]):
+        exact.merge(partial)
+    hits = total = 0
+    for row in range(sample):
+        truth = set(exact.candidates(row)[1].tolist())
+        hits += len(truth & set(top.candidates(row)[1].tolist()))
+        total += min(k, len(truth))
+    recall = hits / total if total else 1.0
+    return top, {
+        "index": "IVF_PQ",
+        "nprobes": nprobes,
+        "refine_factor": refine,
+        "recall_at_k_sample": round(recall, 4),
+        "recall_sample_probes": sample,
+    }
 
 
 def _partials(settings: Settings, engine: MatchEngine, units: list[MatchUnit], vectors: np.ndarray) -> list[TopK]:

@@ -270,3 +270,40 @@ def test_closed_and_expired_watchlists_are_not_matched(gallery, tmp_path: Path) 
     close_watchlist(Gallery(settings.lance_dir), wid, "analyst-2")
     with pytest.raises(Refused, match="closed"):
         run_match(settings, wid)
+
+
+def test_ivf_pq_reports_its_recall_against_exact(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "home")
+    register(settings)
+    rng = np.random.default_rng(4)
+    gallery_vecs = rng.standard_normal((3000, 32))
+    run_import(
+        settings,
+        write_embeddings(tmp_path / "g.parquet", [f"r{i}" for i in range(3000)], gallery_vecs),
+        "archive",
+        "model-a",
+        "image",
+        32,
+    )
+    probes = gallery_vecs[:30] + 0.05 * rng.standard_normal((30, 32))
+    path = write_embeddings(tmp_path / "p.parquet", [f"p{i:02d}" for i in range(30)], probes, id_column="probe_id")
+    wid = submit(
+        settings,
+        Submission(path, "b", "CASE-1", "fraud-investigation", "basis", "analyst-1", "image", "model-a", top_k=5),
+    )["watchlist_id"]
+    approx = run_match(settings, wid, method="ivf_pq", nprobes=10, refine=5)
+    exact = run_match(settings, wid)
+    assert approx["method"] == "ivf_pq" and approx["recall_sample_probes"] == 20
+    a, e = result_pairs(approx["path"]), result_pairs(exact["path"])
+    sample = sorted(e)[:20]
+    hits = sum(len({g for _, g in a[p]} & {g for _, g in e[p]}) for p in sample)
+    assert approx["recall_at_k_sample"] == pytest.approx(hits / (20 * 5), abs=1e-4)
+    assert approx["recall_at_k_sample"] > 0.5
+    assert sum(a[p][0][1] == e[p][0][1] for p in e) >= 25  # near-duplicates are found first
+    assert exact["gallery_version"] == approx["gallery_version"]  # the index commit came before both pins
+
+
+def test_ivf_pq_refused_on_a_tiny_gallery(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, vectors, _ = gallery
+    with pytest.raises(Refused, match="too few for an IVF_PQ index"):
+        run_match(settings, watch(settings, tmp_path, vectors["model-a"][:1]), method="ivf_pq")
