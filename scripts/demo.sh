@@ -40,4 +40,21 @@ $GM ingest "$DATA/shards" --engine ray --face-model "$FACE_MODEL" --image-model 
 
 step "6. what is in the gallery, and what was quarantined and why"
 $GM status
-printf '\nGallery under %s. Rerun `make demo` to see the resume: every shard is skipped.\n' "$GALLERYMATCH_HOME"
+
+step "7. an analyst submits a watchlist: a folder of probe photos, with a case, a purpose and a requester"
+mkdir -p "$DATA/probes"
+cp "$DATA/images/people/group-of-three.jpg" "$DATA/images/scenes/coffee.jpg" "$DATA/probes/"
+WATCHLIST=$($GM watchlist submit "$DATA/probes" --name "demo batch" --case-id DEMO-CASE-1 \
+  --purpose missing-person --legal-basis "demo: public-domain images" --requested-by analyst-demo \
+  --model-id "$FACE_MODEL" --top-k 5 --json | $PY -c "import json,sys; print(json.load(sys.stdin)['watchlist_id'])")
+$GM watchlist show "$WATCHLIST" | head -12
+$GM watchlist submit "$DATA/probes" --name "no purpose" --case-id DEMO-CASE-1 --purpose curiosity \
+  --legal-basis x --requested-by analyst-demo --model-id "$FACE_MODEL" || echo "(refused, as it must be)"
+
+step "8. match every probe against the whole gallery (exact) and write the Parquet result set"
+$GM match "$WATCHLIST"
+$GM results list
+
+step "9. what a data team sees: all result sets as one Polars LazyFrame"
+$PY scripts/demo_summary.py
+printf '\nEverything lives under %s. Rerun `make demo`: finished shards are skipped.\n' "$GALLERYMATCH_HOME"

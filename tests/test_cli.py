@@ -24,6 +24,15 @@ COMMANDS = [
     ["import-embeddings"],
     ["models"],
     ["status"],
+    ["watchlist"],
+    ["watchlist", "submit"],
+    ["watchlist", "list"],
+    ["watchlist", "show"],
+    ["watchlist", "close"],
+    ["match"],
+    ["results"],
+    ["results", "list"],
+    ["results", "show"],
 ]
 
 
@@ -47,9 +56,13 @@ def test_every_command_has_help(command: list[str]) -> None:
 def test_every_registered_command_is_covered() -> None:
     import typer.main
 
-    group = typer.main.get_command(app)
-    names = set(group.commands)  # type: ignore[attr-defined]
-    assert names == {c[0] for c in COMMANDS if c}
+    def walk(command: object, prefix: tuple[str, ...]) -> set[tuple[str, ...]]:
+        found = {prefix} if prefix else set()
+        for name, sub in getattr(command, "commands", {}).items():
+            found |= walk(sub, (*prefix, name))
+        return found
+
+    assert walk(typer.main.get_command(app), ()) == {tuple(c) for c in COMMANDS if c}
 
 
 def test_cli_end_to_end(tmp_path: Path, sample_folder: Path) -> None:
@@ -122,3 +135,82 @@ def test_modal_worker_runs_the_same_unit_of_work(tmp_path: Path, sample_shards: 
         assert other.select(keys).equals(table.select(keys)), name
         if "vector" in table.column_names:
             assert np.allclose(other["vector"].to_pylist(), table["vector"].to_pylist(), atol=1e-4)
+
+
+def test_watchlist_of_photos_end_to_end(tmp_path: Path) -> None:
+    """Probe photos go through the gallery's own decode/detect/embed path; several faces give several probes."""
+    import polars as pl
+
+    from pipelines import samples
+    from pipelines.api import results
+
+    home, gallery_dir, probe_dir = tmp_path / "home", tmp_path / "gallery", tmp_path / "probes"
+    gallery_dir.mkdir()
+    probe_dir.mkdir()
+    (gallery_dir / "astronaut.jpg").write_bytes(samples.encode(samples.astronaut(), "JPEG", quality=92))
+    (gallery_dir / "pair.jpg").write_bytes(samples.encode(samples.composite(2), "JPEG", quality=92))
+    (probe_dir / "three.jpg").write_bytes(samples.encode(samples.composite(3), "JPEG", quality=90))
+    (probe_dir / "coffee.jpg").write_bytes(samples.encode(samples.no_face_images()["coffee"], "JPEG"))
+    assert (
+        gm(
+            home, "sources", "add", "archive", "--channel", "consented-enrollment", "--legal-basis", "b", "--terms", "t"
+        ).returncode
+        == 0
+    )
+    assert gm(home, "pack", str(gallery_dir), str(tmp_path / "shards"), "--source", "archive").returncode == 0
+    assert (
+        gm(
+            home,
+            "ingest",
+            str(tmp_path / "shards"),
+            "--engine",
+            "local",
+            "--modality",
+            "face",
+            "--face-model",
+            "facenet-untrained",
+        ).returncode
+        == 0
+    )
+    submitted = gm(
+        home,
+        "watchlist",
+        "submit",
+        str(probe_dir),
+        "--name",
+        "batch 1",
+        "--case-id",
+        "CASE-9",
+        "--purpose",
+        "criminal-investigation",
+        "--legal-basis",
+        "warrant 123",
+        "--requested-by",
+        "unit-4",
+        "--model-id",
+        "facenet-untrained",
+        "--top-k",
+        "2",
+        "--json",
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    wl = json.loads(submitted.stdout)
+    assert wl["probes"] == 3
+    inputs = {i["uri"]: i for i in wl["inputs"]}
+    assert len(inputs["three.jpg"]["probes"]) == 3 and inputs["coffee.jpg"]["reason"] == "NO_FACE"
+    human = gm(home, "watchlist", "list")
+    assert wl["watchlist_id"] in human.stdout and "CASE-9" in human.stdout
+    matched = gm(home, "match", wl["watchlist_id"], "--json")
+    assert matched.returncode == 0, matched.stderr
+    run = json.loads(matched.stdout)
+    assert run["probes"] == 3 and run["candidates"] == 3 * 2 and run["gallery_version"] >= 1
+    shown = json.loads(gm(home, "results", "show", run["run_id"], "--json").stdout)
+    assert shown["notice"] == "Candidate list for human review; not an identification."
+    assert {c["rank"] for c in shown["candidates_shown"]} == {1, 2}
+    listed = json.loads(gm(home, "results", "list", "--json").stdout)
+    assert [r["run_id"] for r in listed["runs"]] == [run["run_id"]]
+    frame = results(home).filter(pl.col("case_id") == "CASE-9").collect()
+    assert frame.height == 6 and set(frame["watchlist_id"]) == {wl["watchlist_id"]}
+    closed = gm(home, "watchlist", "close", wl["watchlist_id"], "--closed-by", "unit-4")
+    assert closed.returncode == 0 and "closed" in closed.stdout
+    assert gm(home, "match", wl["watchlist_id"]).returncode == 2
