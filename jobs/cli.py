@@ -67,9 +67,19 @@ def sources_add(
     """Register a gallery source; scraped, social-media, bulk-CCTV and unknown channels are refused."""
     from lance_tables.sources import add_source
     from lance_tables.store import Gallery
+    from pipelines.audit import AuditLog, table_versions
 
-    gallery = Gallery(_settings().lance_dir)
+    settings = _settings()
+    gallery = Gallery(settings.lance_dir)
     row = add_source(gallery, source_id, channel, legal_basis, terms, registered_by)
+    if row["created"]:
+        AuditLog(settings.audit_dir).append(
+            registered_by or settings.actor,
+            "sources.add",
+            source_id=source_id,
+            channel=channel,
+            table_versions=table_versions(gallery, ("sources",)),
+        )
     verb = "registered" if row["created"] else "already registered (same provenance)"
     _emit(row, as_json, lambda r: f"source {r['source_id']} {verb}: channel={r['channel']}")
 
@@ -111,6 +121,20 @@ def pack(
     meta = read_metadata_csv(metadata) if metadata else None
     report = pack_folder(
         images_dir, shards_dir, source, rows_per_shard or settings.rows_per_shard, settings.max_image_bytes, meta
+    )
+    from pipelines.audit import AuditLog, digest
+
+    AuditLog(settings.audit_dir).append(
+        settings.actor,
+        "pack",
+        source_id=source,
+        inputs_digest=digest(report.shards),
+        counts={
+            "files": report.files,
+            "distinct": report.distinct,
+            "duplicates": report.duplicates,
+            "shards": len(report.shards),
+        },
     )
     _emit(
         asdict(report),
@@ -297,8 +321,19 @@ def watchlist_close(
     """Close a watchlist: it is no longer matched."""
     from lance_tables.store import Gallery
     from lance_tables.watchlists import close_watchlist
+    from pipelines.audit import AuditLog
 
-    record = close_watchlist(Gallery(_settings().lance_dir), watchlist_id, closed_by)
+    settings = _settings()
+    gallery = Gallery(settings.lance_dir)
+    record = close_watchlist(gallery, watchlist_id, closed_by)
+    AuditLog(settings.audit_dir).append(
+        closed_by,
+        "watchlist.close",
+        case_id=record["case_id"],
+        purpose=record["purpose"],
+        watchlist_id=watchlist_id,
+        table_versions={"watchlists": gallery.version("watchlists")},
+    )
     _emit(record, as_json, lambda r: f"watchlist {r['watchlist_id']} is {r['status']}")
 
 
@@ -369,8 +404,10 @@ def results_show(
     manifest = find_run(_settings().results_dir, run_id)
     if manifest is None:
         raise Refused(f"no result set {run_id!r}; see `gallerymatch results list`")
+    from jobs.review import with_reviews
+
     table = read_run(Path(manifest["path"]))
-    rows = [r for r in table.to_pylist() if r["rank"] <= limit]
+    rows = with_reviews(_settings(), [r for r in table.to_pylist() if r["rank"] <= limit])
     _emit(
         manifest | {"candidates_shown": rows},
         as_json,
@@ -378,7 +415,7 @@ def results_show(
             [r["notice"]]
             + [
                 f"{c['probe_id']}  #{c['rank']:<3} {c['score']:.4f} {'*' if c['above_threshold'] else ' '} "
-                f"{c['gallery_id']}  image {c['image_id']}  source {c['source_id']}"
+                f"{c['gallery_id']}  image {c['image_id']}  source {c['source_id']}  {c['review_status']}"
                 for c in r["candidates_shown"]
             ]
         ),
@@ -392,6 +429,15 @@ def status(as_json: JsonOpt = False) -> None:
 
     result = gallery_status(_settings())
     _emit(result, as_json, _lines)
+
+
+def _register_accountability() -> None:
+    from jobs.cli_accountability import register
+
+    register(app)
+
+
+_register_accountability()
 
 
 def _choice(flag: str, value: str, valid: tuple[str, ...]) -> None:

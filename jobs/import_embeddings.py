@@ -12,6 +12,7 @@ import numpy as np
 from lance_tables.schemas import FACES, QUARANTINE, image_embeddings_schema, to_arrow
 from lance_tables.sources import require_registered
 from lance_tables.store import Gallery
+from pipelines.audit import AuditLog, table_versions
 from pipelines.embed import embedding_id
 from pipelines.errors import Refused
 from pipelines.importer import ImportBatch, file_digest, open_embeddings, summarise, validate_batch
@@ -59,6 +60,15 @@ def run_import(
         imported += len(result.rows)
         quarantined += result.quarantine
     summary = summarise(quarantined, imported, offset)
+    AuditLog(settings.audit_dir).append(
+        settings.actor,
+        "import-embeddings",
+        source_id=source_id,
+        model_id=model_id,
+        inputs_digest=f"sha256:{key}",
+        counts={"rows": offset, "imported": imported, "quarantined": len(quarantined)},
+        table_versions=table_versions(gallery, ("faces", "image_embeddings", "quarantine")),
+    )
     return summary | {
         "file": str(path),
         "source_id": source_id,

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from lance_tables.ledger import commit_shard, done_keys
 from lance_tables.sources import require_registered
 from lance_tables.store import Gallery
+from pipelines.audit import AuditLog, digest
 from pipelines.embed import ShardOutput
 from pipelines.models import ensure_weights, face_spec, image_spec
 from pipelines.settings import Settings
@@ -83,7 +84,16 @@ def run_ingest(
         totals.update({k: v for k, v in output.stats.items() if isinstance(v, int)})
         reasons.update(output.stats["quarantined"])
     elapsed = time.perf_counter() - started
-    return _summary(task, engine, len(shards), len(items), skipped, totals, reasons, elapsed, notices, gallery)
+    summary = _summary(task, engine, len(shards), len(items), skipped, totals, reasons, elapsed, notices, gallery)
+    AuditLog(settings.audit_dir).append(
+        settings.actor,
+        "ingest",
+        inputs_digest=digest(sorted(i.shard_key for i in items)),
+        models=[m for m in (summary["face_model"], summary["image_model"]) if m],
+        counts={k: summary[k] for k in ("shards_processed", "images", "faces", "image_embeddings", "quarantined")},
+        table_versions=summary["table_versions"],
+    )
+    return summary
 
 
 def _outputs(settings: Settings, task: IngestTask, items: list[WorkItem], engine: Engine) -> Iterator[ShardOutput]:

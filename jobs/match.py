@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from lance_tables.store import Gallery, sql_list
 from lance_tables.watchlists import get_watchlist, read_probes
+from pipelines.audit import AuditLog, digest
 from pipelines.errors import Refused
 from pipelines.match_unit import MatchUnit
 from pipelines.matcher import TopK, ranked
@@ -104,6 +105,20 @@ def run_match(
     }
     manifest |= extra
     path = write_result_set(settings.results_dir, settings.staging_dir, watchlist_id, run_id, rows, manifest)
+    AuditLog(settings.audit_dir).append(
+        wl["requested_by"],
+        "match",
+        case_id=wl["case_id"],
+        purpose=wl["purpose"],
+        requested_by=wl["requested_by"],
+        watchlist_id=watchlist_id,
+        run_id=run_id,
+        model_id=wl["model_id"],
+        method=method,
+        inputs_digest=digest([p["probe_id"] for p in probes]),
+        table_versions={name: version},
+        counts={"probes": len(probes), "candidates": rows.num_rows, "above_threshold": manifest["above_threshold"]},
+    )
     return manifest | {"path": str(path)}
 
 

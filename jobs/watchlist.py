@@ -10,6 +10,7 @@ from typing import Any
 
 from lance_tables.store import Gallery, sql_list
 from lance_tables.watchlists import store_watchlist
+from pipelines.audit import AuditLog, digest, table_versions
 from pipelines.decode import DecodeLimits
 from pipelines.errors import Refused
 from pipelines.models import face_spec, image_spec
@@ -112,6 +113,18 @@ def submit(settings: Settings, sub: Submission) -> dict[str, Any]:
         "closed_by": None,
     }
     store_watchlist(gallery, record, probes.rows, probes.vectors)
+    AuditLog(settings.audit_dir).append(
+        sub.requested_by,
+        "watchlist.submit",
+        case_id=sub.case_id,
+        purpose=sub.purpose,
+        requested_by=sub.requested_by,
+        watchlist_id=record["watchlist_id"],
+        model_id=model_id,
+        inputs_digest=digest([r.get("photo_sha256") or r["probe_id"] for r in probes.rows]),
+        counts={"probes": len(probes.rows)},
+        table_versions=table_versions(gallery, ("watchlists", "probes")),
+    )
     return {k: v for k, v in record.items() if k != "weights_digest"} | {"inputs": probes.report}
 
 

@@ -139,6 +139,7 @@ WATCHLISTS = pa.schema(
 
 PROBES = pa.schema(
     [
+        pa.field("probe_key", pa.string(), nullable=False),  # watchlist_id/probe_id: probe ids are per watchlist
         pa.field("probe_id", pa.string(), nullable=False),
         pa.field("watchlist_id", pa.string(), nullable=False),
         pa.field("origin", pa.string(), nullable=False),  # photo | embedding
@@ -163,7 +164,7 @@ KEYS = {
     "quarantine": "quarantine_id",
     "ledger": "ledger_key",
     "watchlists": "watchlist_id",
-    "probes": "probe_id",
+    "probes": "probe_key",
 }
 
 FIXED = {

@@ -19,6 +19,7 @@ def store_watchlist(
     rows = [
         p
         | {
+            "probe_key": f"{record['watchlist_id']}/{p['probe_id']}",
             "watchlist_id": record["watchlist_id"],
             "vector": v.astype(np.float32).tolist(),
             "model_id": record["model_id"],

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     default_threshold: float = Field(0.5, ge=-1.0, le=1.0, description="cosine score flagged above_threshold")
     match_block_rows: int = Field(65_536, ge=1, description="gallery vectors per matrix product")
 
+    actor: str = Field("operator", description="opaque id recorded in the audit trail when a command has no requester")
+    results_retention_days: int = Field(365, ge=1, description="result sets older than this are deleted")
+    audit_retention_days: int = Field(400, ge=183, description="audit records are kept at least 183 days")
+
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ray_address: str | None = Field(None, description="Ray cluster address; a local Ray is started when unset")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs for the local Ray (default: all)")
@@ -60,6 +64,10 @@ class Settings(BaseSettings):
     @property
     def results_dir(self) -> Path:
         return self.home / "results"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.home / "audit"
 
     @property
     def staging_dir(self) -> Path:

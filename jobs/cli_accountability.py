@@ -1,0 +1,111 @@
+"""Accountability commands: audit, review, retention, report (registered on the main `gallerymatch` app)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Annotated, Any
+
+import typer
+
+from pipelines.errors import GalleryMatchError
+
+audit_app = typer.Typer(help="The hash-chained audit trail: verify it, show it.", no_args_is_help=True)
+retention_app = typer.Typer(help="Expire watchlists and delete result sets past retention.", no_args_is_help=True)
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
+
+
+def _settings() -> Any:
+    from pipelines.settings import load_settings
+
+    return load_settings()
+
+
+def _print(result: dict[str, Any], as_json: bool, human: str) -> None:
+    print(json.dumps(result, default=str, sort_keys=True) if as_json else human)
+
+
+@audit_app.command("verify")
+def audit_verify(as_json: JsonOpt = False) -> None:
+    """Recompute the chain; exit 1 naming the first record that does not fit."""
+    from pipelines.audit import AuditLog
+
+    result = AuditLog(_settings().audit_dir).verify()
+    human = (
+        f"audit chain intact: {result['records']} records"
+        if result["ok"]
+        else f"audit chain BROKEN at record {result['first_bad_line']}: {result['problem']}"
+    )
+    _print(result, as_json, human)
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+@audit_app.command("show")
+def audit_show(
+    case_id: Annotated[str | None, typer.Option(help="only records of this case")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Audit records (opaque ids, digests, versions and counts; no biometrics, no names)."""
+    from pipelines.audit import AuditLog
+
+    records = [r for r in AuditLog(_settings().audit_dir).records() if case_id is None or r.get("case_id") == case_id]
+    human = (
+        "\n".join(
+            f"{r['seq']:>6} {r['time'][:19]} {r['actor']:<16} {r['action']:<18} {r.get('case_id', '')}" for r in records
+        )
+        or "no audit records"
+    )
+    _print({"records": records}, as_json, human)
+
+
+def review(
+    run_id: str,
+    probe_id: str,
+    rank: int,
+    status: Annotated[str, typer.Option(help="potential_candidate | no_candidate | inconclusive")],
+    reviewer: Annotated[str, typer.Option(help="opaque id of the reviewer")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Record a reviewer's decision on one candidate; two different reviewers confirm a candidate."""
+    from jobs.review import review_candidate
+
+    row = review_candidate(_settings(), run_id, probe_id, rank, status, reviewer)
+    _print(row, as_json, f"{run_id} {probe_id} #{rank}: {status} by {reviewer}; now {row['review_status']}")
+
+
+@retention_app.command("run")
+def retention_run(as_json: JsonOpt = False) -> None:
+    """Apply the retention schedule now (for the nightly job)."""
+    from jobs.retention import run_retention
+
+    result = run_retention(_settings())
+    _print(
+        result,
+        as_json,
+        f"expired {len(result['watchlists_expired'])} watchlist(s), deleted "
+        f"{len(result['result_sets_deleted'])} result set(s)",
+    )
+
+
+def report(
+    since: Annotated[str, typer.Option(help="start date, YYYY-MM-DD")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Transparency report from the audit trail: watchlists by purpose, runs, candidates, reviews, erasures."""
+    from jobs.report import transparency_report
+
+    try:
+        start = dt.date.fromisoformat(since)
+    except ValueError as exc:
+        raise GalleryMatchError(f"--since must be a date YYYY-MM-DD, got {since!r}") from exc
+    result = transparency_report(_settings(), start)
+    human = "\n".join(f"{k}: {v}" for k, v in result.items())
+    _print(result, as_json, human)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(audit_app, name="audit")
+    app.add_typer(retention_app, name="retention")
+    app.command()(review)
+    app.command()(report)

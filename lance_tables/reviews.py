@@ -1,0 +1,79 @@
+"""The reviews table: human decisions on candidates, kept apart from the immutable result files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections import defaultdict
+from typing import Any
+
+import pyarrow as pa
+
+from lance_tables.store import Gallery
+from pipelines.errors import Refused
+
+REVIEW_INPUTS = ("potential_candidate", "no_candidate", "inconclusive")
+CONFIRMED = "confirmed_candidate"
+UNREVIEWED = "unreviewed"
+
+REVIEWS = pa.schema(
+    [
+        pa.field("review_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("probe_id", pa.string(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("gallery_id", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reviewer", pa.string(), nullable=False),
+        pa.field("reviewed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+
+def add_review(gallery: Gallery, candidate: dict[str, Any], status: str, reviewer: str) -> dict[str, Any]:
+    """Append one reviewer's decision (a later decision by the same reviewer supersedes theirs)."""
+    if status not in REVIEW_INPUTS:
+        raise Refused(
+            f"--status must be one of {', '.join(REVIEW_INPUTS)}; {CONFIRMED!r} follows from two "
+            "different reviewers marking potential_candidate, and there is no 'identified' status"
+        )
+    now = dt.datetime.now(dt.UTC)
+    key = f"{candidate['run_id']}|{candidate['probe_id']}|{candidate['rank']}|{reviewer}|{now.isoformat()}"
+    row = {
+        "review_id": hashlib.sha256(key.encode()).hexdigest()[:32],
+        "run_id": candidate["run_id"],
+        "probe_id": candidate["probe_id"],
+        "rank": candidate["rank"],
+        "gallery_id": candidate["gallery_id"],
+        "status": status,
+        "reviewer": reviewer,
+        "reviewed_at": now,
+    }
+    gallery.ensure("reviews", REVIEWS).add(pa.Table.from_pylist([row], schema=REVIEWS))
+    return row
+
+
+def effective_statuses(gallery: Gallery) -> dict[tuple[str, str, int], str]:
+    """(run_id, probe_id, rank) -> status under the two-person rule."""
+    table = gallery.open("reviews")
+    if table is None:
+        return {}
+    latest: dict[tuple[str, str, int], dict[str, tuple[dt.datetime, str]]] = defaultdict(dict)
+    for r in table.search().limit(None).to_arrow().to_pylist():
+        key = (r["run_id"], r["probe_id"], r["rank"])
+        seen = latest[key].get(r["reviewer"])
+        if seen is None or r["reviewed_at"] >= seen[0]:
+            latest[key][r["reviewer"]] = (r["reviewed_at"], r["status"])
+    return {key: decide([s for _, s in by.values()]) for key, by in latest.items()}
+
+
+def decide(statuses: list[str]) -> str:
+    """Each reviewer's latest decision -> the candidate's status. Confirmation needs two different people."""
+    distinct = set(statuses)
+    if {"potential_candidate", "no_candidate"} <= distinct:
+        return "inconclusive"  # reviewers disagree: the candidate stays open, never confirmed
+    if statuses.count("potential_candidate") >= 2:
+        return CONFIRMED
+    if len(distinct) == 1:
+        return statuses[0]
+    return "inconclusive"
