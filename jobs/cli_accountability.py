@@ -104,7 +104,29 @@ def report(
     _print(result, as_json, human)
 
 
+def erase(
+    reason: Annotated[str, typer.Option(help="why (kept in the receipt as a digest)")],
+    requested_by: Annotated[str, typer.Option(help="opaque id of who asked for the erasure")],
+    image_id: Annotated[str | None, typer.Option(help="sha256 of the image")] = None,
+    subject_id: Annotated[str | None, typer.Option(help="opaque subject id")] = None,
+    source: Annotated[str | None, typer.Option(help="a source id: all its rows")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Erase an image, a subject or a source: rows, index entries, old versions and result rows, with a receipt."""
+    from jobs.erase import erase as run_erase
+
+    receipt = run_erase(_settings(), reason, requested_by, image_id, subject_id, source)
+    _print(
+        receipt,
+        as_json,
+        f"erased: {receipt['removed_rows']}; result sets rewritten: "
+        f"{len(receipt['result_sets_rewritten'])}; checks passed; receipt "
+        f"{receipt['receipt_id']} (sha256 {receipt['receipt_sha256']})",
+    )
+
+
 def register(app: typer.Typer) -> None:
+    app.command()(erase)
     app.add_typer(audit_app, name="audit")
     app.add_typer(retention_app, name="retention")
     app.command()(review)

@@ -16,6 +16,7 @@ from pipelines.audit import AuditLog, table_versions
 from pipelines.embed import embedding_id
 from pipelines.errors import Refused
 from pipelines.importer import ImportBatch, file_digest, open_embeddings, summarise, validate_batch
+from pipelines.locks import holds_writer_lock
 from pipelines.models import FACE_DIM, face_spec, image_spec
 from pipelines.settings import Settings
 from pipelines.shards import check_id
@@ -42,6 +43,7 @@ def expected_dim(gallery: Gallery, model_id: str, modality: Modality, dim: int |
     return int(image_width)
 
 
+@holds_writer_lock
 def run_import(
     settings: Settings, path: Path, source_id: str, model_id: str, modality: Modality, dim: int | None
 ) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections import Counter
@@ -9,11 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from lance_tables.erasure import erased_ids
 from lance_tables.ledger import commit_shard, done_keys
 from lance_tables.sources import require_registered
 from lance_tables.store import Gallery
 from pipelines.audit import AuditLog, digest
 from pipelines.embed import ShardOutput
+from pipelines.locks import holds_writer_lock
 from pipelines.models import ensure_weights, face_spec, image_spec
 from pipelines.settings import Settings
 from pipelines.shards import find_shards, shard_key, shard_sources
@@ -55,6 +58,7 @@ def check_models(task: IngestTask, gallery: Gallery) -> list[str]:
     return notices
 
 
+@holds_writer_lock
 def run_ingest(
     settings: Settings,
     shards_dir: Path,
@@ -70,6 +74,7 @@ def run_ingest(
 
         start_ray(settings.ray_address, settings.ray_num_cpus)
     gallery = Gallery(settings.lance_dir)
+    task = dataclasses.replace(task, erased=erased_ids(gallery))
     shards = find_shards(shards_dir)
     require_registered(gallery, set().union(*(shard_sources(p) for p in shards)))
     notices = check_models(task, gallery)

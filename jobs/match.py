@@ -14,6 +14,7 @@ from lance_tables.store import Gallery, sql_list
 from lance_tables.watchlists import get_watchlist, read_probes
 from pipelines.audit import AuditLog, digest
 from pipelines.errors import Refused
+from pipelines.locks import holds_writer_lock
 from pipelines.match_unit import MatchUnit
 from pipelines.matcher import TopK, ranked
 from pipelines.results import RESULT_SCHEMA, recover, write_result_set
@@ -42,6 +43,7 @@ def plan_units(uri: str, version: int, where: str, k: int, block_rows: int, devi
     return [MatchUnit(uri, version, tuple(g), where, k, block_rows, device) for g in groups if g]
 
 
+@holds_writer_lock
 def run_match(
     settings: Settings,
     watchlist_id: str,

@@ -11,10 +11,12 @@ from lance_tables.schemas import WATCHLISTS, to_arrow
 from lance_tables.store import Gallery, sql_list
 from lance_tables.watchlists import list_watchlists
 from pipelines.audit import AuditLog
+from pipelines.locks import holds_writer_lock
 from pipelines.results import list_runs, manifest_path
 from pipelines.settings import Settings
 
 
+@holds_writer_lock
 def run_retention(settings: Settings, now: dt.datetime | None = None) -> dict[str, Any]:
     """Idempotent; `now` exists so the schedule can be tested with a fake clock."""
     now = now or dt.datetime.now(dt.UTC)

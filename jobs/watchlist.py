@@ -13,6 +13,7 @@ from lance_tables.watchlists import store_watchlist
 from pipelines.audit import AuditLog, digest, table_versions
 from pipelines.decode import DecodeLimits
 from pipelines.errors import Refused
+from pipelines.locks import holds_writer_lock
 from pipelines.models import face_spec, image_spec
 from pipelines.probes import PhotoModels, ProbeModality, probes_from_embeddings, probes_from_photos
 from pipelines.settings import Settings
@@ -73,6 +74,7 @@ def gallery_rows(gallery: Gallery, modality: ProbeModality, model_id: str) -> in
     return gallery.count(table, f"model_id IN {sql_list([model_id])}")
 
 
+@holds_writer_lock
 def submit(settings: Settings, sub: Submission) -> dict[str, Any]:
     now = dt.datetime.now(dt.UTC)
     expires = check_purpose_binding(sub, settings, now)

@@ -95,6 +95,8 @@ class PrepareStage:
             missing.append("image")
         if missing:
             return Reason.MISSING_FIELD, f"missing field(s): {', '.join(missing)}"
+        if image_id in self.task.erased:
+            return Reason.ERASED, "this image was erased; it is on the do-not-ingest list"
         data: bytes = row["image"]
         if hashlib.sha256(data).hexdigest() != image_id:
             return Reason.IMAGE_ID_MISMATCH, "image_id is not the sha256 of the image bytes"

@@ -29,6 +29,7 @@ class IngestTask:
     models_dir: str
     downloads: bool
     device: str
+    erased: frozenset[str] = frozenset()  # sha256 of erased images: never ingested again
 
     @classmethod
     def from_settings(

@@ -33,6 +33,14 @@ COMMANDS = [
     ["results"],
     ["results", "list"],
     ["results", "show"],
+    ["audit"],
+    ["audit", "verify"],
+    ["audit", "show"],
+    ["retention"],
+    ["retention", "run"],
+    ["review"],
+    ["report"],
+    ["erase"],
 ]
 
 
