@@ -100,16 +100,15 @@ def test_erased_vector_bytes_are_gone_everywhere(tmp_path: Path, index: str | No
 
 
 def test_refused_when_removal_cannot_be_guaranteed(tmp_path: Path) -> None:
-    settings, target, _ = build(tmp_path, None)
+    settings, _, _ = build(tmp_path, None)
     table = Gallery(settings.lance_dir).open("image_embeddings")
     table.tags.create("keep-me", table.version)
     with pytest.raises(Refused, match="tagged versions"):
         erase(settings, "r", "dpo-1", subject_id="subj-target")
     assert Gallery(settings.lance_dir).count("image_embeddings") == N  # nothing removed
     table.tags.delete("keep-me")
-    with writer_lock(settings.home):  # another writer is running
-        with pytest.raises(Refused, match="another writer"):
-            erase(settings, "r", "dpo-1", subject_id="subj-target")
+    with writer_lock(settings.home), pytest.raises(Refused, match="another writer"):  # another writer runs
+        erase(settings, "r", "dpo-1", subject_id="subj-target")
     assert Gallery(settings.lance_dir).count("image_embeddings") == N
     with pytest.raises(Refused, match="exactly one"):
         erase(settings, "r", "dpo-1", subject_id="a", source_id="b")
