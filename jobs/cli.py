@@ -422,6 +422,46 @@ def results_show(
     )
 
 
+@results_app.command("export")
+def results_export(
+    run_id: str,
+    to: Annotated[Path, typer.Option("--to", help="folder to copy the result set into")],
+    requested_by: Annotated[str, typer.Option(help="opaque id of who exports it")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy one result set (Parquet parts + manifest) out of the home; the export is audited."""
+    import json as _json
+    import shutil
+
+    from pipelines.audit import AuditLog
+    from pipelines.errors import Refused
+    from pipelines.results import find_run
+    from pipelines.shards import check_id
+
+    check_id("requester id", requested_by)
+    settings = _settings()
+    manifest = find_run(settings.results_dir, run_id)
+    if manifest is None:
+        raise Refused(f"no result set {run_id!r}; see `gallerymatch results list`")
+    target = to / f"watchlist_id={manifest['watchlist_id']}" / f"run_id={run_id}"
+    shutil.copytree(manifest["path"], target, dirs_exist_ok=True)
+    (to / f"{run_id}.manifest.json").write_text(_json.dumps(manifest, indent=2, default=str))
+    AuditLog(settings.audit_dir).append(
+        requested_by,
+        "results.export",
+        case_id=manifest["case_id"],
+        purpose=manifest.get("purpose"),
+        run_id=run_id,
+        watchlist_id=manifest["watchlist_id"],
+        counts={"rows": manifest["rows"]},
+    )
+    _emit(
+        {"run_id": run_id, "path": str(target), "rows": manifest["rows"]},
+        as_json,
+        lambda r: f"exported {r['rows']} candidate rows to {r['path']}",
+    )
+
+
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
     """Tables, versions and counts of the gallery under GALLERYMATCH_HOME."""
@@ -447,7 +487,8 @@ def _choice(flag: str, value: str, valid: tuple[str, ...]) -> None:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a typer.Exit inside a command comes back as its exit code
+        sys.exit(code if isinstance(code, int) else 0)
     except GalleryMatchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lance_tables.erasure import purge
 from lance_tables.schemas import WATCHLISTS, to_arrow
 from lance_tables.store import Gallery, sql_list
 from lance_tables.watchlists import list_watchlists
@@ -52,7 +53,8 @@ def _expire_watchlists(gallery: Gallery, now: dt.datetime) -> list[str]:
     ids = [w["watchlist_id"] for w in due]
     table = gallery.open("probes")
     if table is not None:
-        table.delete(f"watchlist_id IN {sql_list(ids)}")  # physical removal: see lance_tables.erasure
+        table.delete(f"watchlist_id IN {sql_list(ids)}")
+        purge(gallery, "probes", delete_unverified=False)  # the probe vectors are physically gone
     rows = [w | {"status": "expired", "closed_at": now, "closed_by": "retention"} for w in due]
     gallery.upsert("watchlists", to_arrow(rows, WATCHLISTS))
     return ids

@@ -42,8 +42,12 @@ def delete_keys(gallery: Gallery, name: str, column: str, keys: list[str]) -> in
     return int(before - table.count_rows())
 
 
-def purge(gallery: Gallery, name: str) -> dict[str, Any]:
-    """Make deletions physical: compaction materialises every deletion, indexes are rebuilt, old versions go."""
+def purge(gallery: Gallery, name: str, delete_unverified: bool = True) -> dict[str, Any]:
+    """Make deletions physical: compaction materialises every deletion, indexes are rebuilt, old versions go.
+
+    `delete_unverified` also removes files no version references (crashed writers' leftovers); only safe
+    while no other writer runs (erasure holds the writer lock alone).
+    """
     table = gallery.open(name)
     if table is None:
         return {}
@@ -54,7 +58,7 @@ def purge(gallery: Gallery, name: str) -> dict[str, Any]:
     table.checkout_latest()
     rebuilt = [_rebuild_index(table, index) for index in table.list_indices() if "vector" in (index.columns or [])]
     stats = table.to_lance().cleanup_old_versions(
-        older_than=dt.timedelta(0), delete_unverified=True, error_if_tagged_old_versions=True
+        older_than=dt.timedelta(0), delete_unverified=delete_unverified, error_if_tagged_old_versions=True
     )
     table.checkout_latest()
     return {

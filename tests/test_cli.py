@@ -33,6 +33,7 @@ COMMANDS = [
     ["results"],
     ["results", "list"],
     ["results", "show"],
+    ["results", "export"],
     ["audit"],
     ["audit", "verify"],
     ["audit", "show"],
@@ -219,6 +220,29 @@ def test_watchlist_of_photos_end_to_end(tmp_path: Path) -> None:
     assert [r["run_id"] for r in listed["runs"]] == [run["run_id"]]
     frame = results(home).filter(pl.col("case_id") == "CASE-9").collect()
     assert frame.height == 6 and set(frame["watchlist_id"]) == {wl["watchlist_id"]}
+    exported = gm(home, "results", "export", run["run_id"], "--to", str(tmp_path / "out"), "--requested-by", "unit-4")
+    assert exported.returncode == 0 and len(list((tmp_path / "out").rglob("part-*.parquet"))) == 1
     closed = gm(home, "watchlist", "close", wl["watchlist_id"], "--closed-by", "unit-4")
     assert closed.returncode == 0 and "closed" in closed.stdout
     assert gm(home, "match", wl["watchlist_id"]).returncode == 2
+    audit = json.loads(gm(home, "audit", "show", "--json").stdout)["records"]
+    assert [r["action"] for r in audit] == [
+        "sources.add",
+        "pack",
+        "ingest",
+        "watchlist.submit",
+        "match",
+        "results.export",
+        "watchlist.close",
+    ]
+    assert [
+        r["action"] for r in json.loads(gm(home, "audit", "show", "--case-id", "CASE-9", "--json").stdout)["records"]
+    ] == ["watchlist.submit", "match", "results.export", "watchlist.close"]
+    report = json.loads(gm(home, "report", "--since", "2020-01-01", "--json").stdout)
+    assert report["runs"] == 1 and report["watchlists_by_purpose"] == {"criminal-investigation": 1}
+    log = home / "audit" / "audit.jsonl"
+    lines = log.read_bytes().splitlines()
+    lines[4] = lines[4].replace(b'"match"', b'"matcH"')
+    log.write_bytes(b"\n".join(lines) + b"\n")
+    broken = gm(home, "audit", "verify")
+    assert broken.returncode == 1 and "record 5" in broken.stdout
