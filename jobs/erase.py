@@ -89,9 +89,10 @@ def _erase_locked(
     image_ids += [i for i in found["quarantine"]["item_id"] if len(i) == 64 and i not in image_ids]
     vectors = [v for n in ("faces", "image_embeddings", "probes") for v in found[n]["vector"]]
     removed = {n: delete_keys(gallery, n, KEY[n], found[n][KEY[n]]) for n in TABLES}
-    _block_reingest(gallery, image_ids, receipt_id)
-    purged = {n: purge(gallery, n) for n in (*TABLES, "erased")}  # also drops files of crashed writers
     gallery_ids = {i for n in ("faces", "image_embeddings") for i in found[n][KEY[n]]}
+    removed["reviews"] = delete_keys(gallery, "reviews", "gallery_id", sorted(gallery_ids))
+    _block_reingest(gallery, image_ids, receipt_id)
+    purged = {n: purge(gallery, n) for n in (*TABLES, "reviews", "erased")}  # also drops crashed writers' files
     probe_ids = {(k.split("/", 1)[0], k.split("/", 1)[1]) for k in found["probes"]["probe_key"]}
     rewritten = _rewrite_results(settings, gallery_ids, set(image_ids), probe_ids)
     shutil.rmtree(settings.staging_dir, ignore_errors=True)  # files of crashed match runs; we hold the lock
