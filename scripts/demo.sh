@@ -57,4 +57,8 @@ $GM results list
 
 step "9. what a data team sees: all result sets as one Polars LazyFrame"
 $PY scripts/demo_summary.py
+
+step "10. who searched for what and why: the hash-chained audit trail"
+$GM audit show --case-id DEMO-CASE-1
+$GM audit verify
 printf '\nEverything lives under %s. Rerun `make demo`: finished shards are skipped.\n' "$GALLERYMATCH_HOME"
