@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from pipelines.matcher import TopK, probe_tensor, score_block
+
+SCAN_BATCH = 8192  # Lance rows per scan batch (measured: faster and leaner than one block-sized batch)
 
 
 @dataclass(frozen=True)
@@ -31,25 +35,48 @@ def run_unit(unit: MatchUnit, probes: np.ndarray) -> TopK:
     queries = probe_tensor(probes, device)
     top = TopK(len(probes), unit.k)
     for fragment_id in unit.fragment_ids:
-        fragment = dataset.get_fragment(fragment_id)
-        if fragment is None:
-            raise RuntimeError(f"fragment {fragment_id} is missing from version {unit.version} of {unit.table_uri}")
-        scanner = dataset.scanner(
-            columns=["vector"],
-            filter=unit.where,
-            with_row_id=True,
-            batch_size=unit.block_rows,
-            fragments=[fragment],
-            scan_in_order=True,
-        )
-        for batch in scanner.to_batches():
-            if batch.num_rows == 0:
-                continue
-            column = batch.column("vector")
-            vectors = column.values.to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)
-            rowids = batch.column("_rowid").to_numpy().astype(np.int64)
+        for vectors, rowids in _fragment_blocks(dataset, fragment_id, unit):
             top.add(*score_block(queries, vectors, rowids, unit.k, device))
     return top
+
+
+def _fragment_blocks(dataset: Any, fragment_id: int, unit: MatchUnit) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Blocks of up to `block_rows` vectors of one fragment, filled from small scan batches.
+
+    Small Lance batches scan faster and hold less memory; blocks never span fragments, so every engine
+    (whatever fragments its units hold) computes the same matrix products and the same scores.
+    """
+    fragment = dataset.get_fragment(fragment_id)
+    if fragment is None:
+        raise RuntimeError(f"fragment {fragment_id} is missing from version {unit.version} of {unit.table_uri}")
+    scanner = dataset.scanner(
+        columns=["vector"],
+        filter=unit.where,
+        with_row_id=True,
+        batch_size=SCAN_BATCH,
+        fragments=[fragment],
+        scan_in_order=True,
+    )
+    block: np.ndarray | None = None
+    ids = np.zeros(unit.block_rows, np.int64)
+    filled = 0
+    for batch in scanner.to_batches():
+        rows, offset = batch.num_rows, 0
+        vectors = batch.column("vector").values.to_numpy(zero_copy_only=False).reshape(rows, -1) if rows else None
+        rowids = batch.column("_rowid").to_numpy() if rows else None
+        while offset < rows:
+            assert vectors is not None and rowids is not None
+            if block is None:
+                block = np.empty((unit.block_rows, vectors.shape[1]), np.float32)
+            take = min(rows - offset, unit.block_rows - filled)
+            block[filled : filled + take] = vectors[offset : offset + take]
+            ids[filled : filled + take] = rowids[offset : offset + take]
+            filled, offset = filled + take, offset + take
+            if filled == unit.block_rows:
+                yield block, ids.copy()
+                filled = 0
+    if block is not None and filled:
+        yield block[:filled], ids[:filled].copy()
 
 
 def _device(setting: str) -> str:

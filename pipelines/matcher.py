@@ -98,13 +98,18 @@ def score_block(
         gallery = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(device)
     scores = probes @ gallery.T  # (Q, B): BLAS on CPU, cuBLAS on GPU
     kk = min(k, scores.shape[1])
-    vals, idx = torch.topk(scores, kk, dim=1)
     ties: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     if kk < scores.shape[1]:
-        crowded = ((scores >= vals[:, -1:]).sum(dim=1) > kk).nonzero().flatten().tolist()
+        # One extra column says which rows have more than kk scores at or above their kk-th:
+        # exactly those whose (kk+1)-th score equals the kk-th. Only they need a full look.
+        vals, idx = torch.topk(scores, kk + 1, dim=1)
+        crowded = (vals[:, kk] == vals[:, kk - 1]).nonzero().flatten().tolist()
+        vals, idx = vals[:, :kk], idx[:, :kk]
         for row in crowded:
             sel = (scores[row] >= vals[row, -1]).nonzero().flatten()
             ties[row] = (scores[row, sel].float().cpu().numpy(), rowids[sel.cpu().numpy()])
+    else:
+        vals, idx = torch.topk(scores, kk, dim=1)
     vals_np, idx_np = vals.float().cpu().numpy(), idx.cpu().numpy()
     return vals_np, rowids[idx_np], ties
 
