@@ -398,12 +398,9 @@ def results_show(
     as_json: JsonOpt = False,
 ) -> None:
     """One result set: its manifest and the best candidates of each probe."""
-    from pipelines.errors import Refused
-    from pipelines.results import find_run, read_run
+    from pipelines.results import read_run, require_run
 
-    manifest = find_run(_settings().results_dir, run_id)
-    if manifest is None:
-        raise Refused(f"no result set {run_id!r}; see `gallerymatch results list`")
+    manifest = require_run(_settings().results_dir, run_id)
     from jobs.review import with_reviews
 
     table = read_run(Path(manifest["path"]))
@@ -434,15 +431,12 @@ def results_export(
     import shutil
 
     from pipelines.audit import AuditLog
-    from pipelines.errors import Refused
-    from pipelines.results import find_run
+    from pipelines.results import require_run
     from pipelines.shards import check_id
 
     check_id("requester id", requested_by)
     settings = _settings()
-    manifest = find_run(settings.results_dir, run_id)
-    if manifest is None:
-        raise Refused(f"no result set {run_id!r}; see `gallerymatch results list`")
+    manifest = require_run(settings.results_dir, run_id)
     target = to / f"watchlist_id={manifest['watchlist_id']}" / f"run_id={run_id}"
     shutil.copytree(manifest["path"], target, dirs_exist_ok=True)
     (to / f"{run_id}.manifest.json").write_text(_json.dumps(manifest, indent=2, default=str))

@@ -11,7 +11,7 @@ from lance_tables.reviews import add_review, effective_statuses
 from lance_tables.store import Gallery
 from pipelines.audit import AuditLog
 from pipelines.errors import Refused
-from pipelines.results import find_run, read_run
+from pipelines.results import read_run, require_run
 from pipelines.settings import Settings
 from pipelines.shards import check_id
 
@@ -20,9 +20,7 @@ def review_candidate(
     settings: Settings, run_id: str, probe_id: str, rank: int, status: str, reviewer: str
 ) -> dict[str, Any]:
     check_id("reviewer id", reviewer)
-    manifest = find_run(settings.results_dir, run_id)
-    if manifest is None:
-        raise Refused(f"no result set {run_id!r}; see `gallerymatch results list`")
+    manifest = require_run(settings.results_dir, run_id)
     table = read_run(Path(manifest["path"]))
     hit = table.filter(pc.and_(pc.equal(table["probe_id"], probe_id), pc.equal(table["rank"], rank)))
     if hit.num_rows == 0:

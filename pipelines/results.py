@@ -131,6 +131,16 @@ def find_run(results_root: Path, run_id: str) -> dict[str, Any] | None:
     return next((m for m in list_runs(results_root) if m["run_id"] == run_id), None)
 
 
+def require_run(results_root: Path, run_id: str) -> dict[str, Any]:
+    """The manifest of a run, or a refusal that says where to look."""
+    from pipelines.errors import Refused
+
+    manifest = find_run(results_root, run_id)
+    if manifest is None:
+        raise Refused(f"no result set {run_id!r}; see `gallerymatch results list`")
+    return manifest
+
+
 def read_run(path: Path) -> pa.Table:
     tables = [pq.read_table(p) for p in sorted(path.glob("part-*.parquet"))]
     return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import os
 import platform
+import re
 import shlex
 import sys
 import tempfile
@@ -418,19 +419,18 @@ def notes() -> list[str]:
 # ---- docs file and CLI --------------------------------------------------------------------------------------
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section (from its heading to the next `## ` heading) or append it."""
+def write_section(path: Path, section: str, heading: str = SECTION) -> None:
+    """Replace one benchmark's section (its heading up to the next `## ` heading) or append it."""
     text = path.read_text() if path.exists() else INTRO
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
-    if start is None:
-        body = text.rstrip("\n") + "\n\n" + section
+    pattern = re.compile(rf"^{re.escape(heading)}$.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    found = pattern.search(text)
+    if found is None:
+        text = text.rstrip("\n") + "\n\n" + section
     else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        body = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+        gap = "\n" if found.end() < len(text) else ""
+        text = text[: found.start()] + section + gap + text[found.end() :]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(body)
+    path.write_text(text)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

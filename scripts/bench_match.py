@@ -8,7 +8,6 @@ import importlib
 import json
 import math
 import os
-import re
 import resource
 import shlex
 import shutil
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from bench_ingest import INTRO, machine, markdown_table, timed
+from bench_ingest import machine, markdown_table, timed, write_section
 
 from jobs.watchlist import Submission, submit
 from lance_tables.schemas import FACES
@@ -741,20 +740,6 @@ def notes(args: argparse.Namespace) -> list[str]:
 # ---- docs file and CLI --------------------------------------------------------------------------------------
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section (its heading up to the next `## ` heading) or append it."""
-    text = path.read_text() if path.exists() else INTRO
-    pattern = re.compile(rf"^{re.escape(SECTION)}$.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    found = pattern.search(text)
-    if found is None:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        gap = "\n" if found.end() < len(text) else ""
-        text = text[: found.start()] + section + gap + text[found.end() :]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def int_list(text: str) -> list[int]:
     return [int(v.replace("_", "")) for v in text.split(",") if v.strip()]
 
@@ -801,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(run(args), args, command_line(argv))
     print(section)
     if not args.no_write:
-        write_section(args.out, section)
+        write_section(args.out, section, SECTION)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
