@@ -53,6 +53,12 @@ def gm(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def ingest_faces(home: Path, shards: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`gallerymatch ingest` of the face modality, in-process engine, the labelled untrained model."""
+    args = ["ingest", str(shards), "--engine", "local", "--modality", "face", "--face-model", "facenet-untrained"]
+    return gm(home, *args, *extra)
+
+
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "root")
 def test_every_command_has_help(command: list[str]) -> None:
     from typer.testing import CliRunner
@@ -86,18 +92,7 @@ def test_cli_end_to_end(tmp_path: Path, sample_folder: Path) -> None:
     assert added.returncode == 0 and json.loads(added.stdout)["source_id"] == "archive"
     packed = gm(home, "pack", str(sample_folder), str(tmp_path / "shards"), "--source", "archive", "--json")
     assert packed.returncode == 0 and json.loads(packed.stdout)["duplicates"] == 1
-    ingested = gm(
-        home,
-        "ingest",
-        str(tmp_path / "shards"),
-        "--engine",
-        "local",
-        "--modality",
-        "face",
-        "--face-model",
-        "facenet-untrained",
-        "--json",
-    )
+    ingested = ingest_faces(home, tmp_path / "shards", "--json")
     assert ingested.returncode == 0, ingested.stderr
     summary = json.loads(ingested.stdout)
     assert summary["faces"] == 12 and summary["quarantined"] == 7
@@ -167,20 +162,7 @@ def test_watchlist_of_photos_end_to_end(tmp_path: Path) -> None:
         == 0
     )
     assert gm(home, "pack", str(gallery_dir), str(tmp_path / "shards"), "--source", "archive").returncode == 0
-    assert (
-        gm(
-            home,
-            "ingest",
-            str(tmp_path / "shards"),
-            "--engine",
-            "local",
-            "--modality",
-            "face",
-            "--face-model",
-            "facenet-untrained",
-        ).returncode
-        == 0
-    )
+    assert ingest_faces(home, tmp_path / "shards").returncode == 0
     submitted = gm(
         home,
         "watchlist",
