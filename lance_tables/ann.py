@@ -67,12 +67,6 @@ def search_ivf_pq(table: Any, probes: np.ndarray, where: str, k: int, nprobes: i
     )
     dist = found.column("_distance").to_numpy()
     rowid = found.column("_rowid").to_numpy().astype(np.int64)
-    scores = np.full((len(probes), k), -np.inf, np.float32)
-    rowids = np.full((len(probes), k), -1, np.int64)
-    filled = np.zeros(len(probes), np.int64)
-    for q, d, r in zip(qidx.tolist(), dist.tolist(), rowid.tolist(), strict=True):
-        if filled[q] < k:
-            scores[q, filled[q]], rowids[q, filled[q]] = np.float32(1.0 - d), r
-            filled[q] += 1
-    top.add(scores, rowids, {})
+    top.add(qidx.astype(np.int64), (1.0 - dist).astype(np.float32), rowid)  # at most k rows per probe
+    top.compact()
     return top

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     watchlist_max_days: int = Field(365, ge=1, description="the latest expiry a watchlist may ask for")
     default_top_k: int = Field(50, ge=1, le=10_000)
     default_threshold: float = Field(0.5, ge=-1.0, le=1.0, description="cosine score flagged above_threshold")
-    match_block_rows: int = Field(65_536, ge=1, description="gallery vectors per matrix product")
+    match_block_rows: int = Field(16_384, ge=1, description="gallery vectors per matrix product")
 
     actor: str = Field("operator", description="opaque id recorded in the audit trail when a command has no requester")
     results_retention_days: int = Field(365, ge=1, description="result sets older than this are deleted")
