@@ -1,7 +1,8 @@
 """Exact top-K: a cheap filter with a proven error bound over every gallery block, then exact rescoring.
 
 For each block of gallery vectors, one matrix product gives approximate scores for every probe-gallery
-pair: int8 on CPU (about twice the throughput of float32 BLAS), float32 on a GPU. Each approximate score
+pair: int8 on CPU for batches of INT8_MIN_PROBES probes or more (about twice the throughput of float32
+BLAS once the block is quantised), float32 for smaller batches and on a GPU. Each approximate score
 is within a bound `b` of the true dot product, and the bound is computed, not assumed (see `ProbeSet`).
 A pair can belong to a probe's final top K only if its true score reaches the probe's running k-th best
 exact score `thr`, so every pair with `approx >= thr - b` is kept and every other pair is provably out.
@@ -20,6 +21,7 @@ import numpy as np
 RESCORE_CHUNK = 1024  # pairs rescored at once (small gathers stay in cache: measured fastest)
 EPS32 = 2.0**-24  # float32 unit roundoff
 EPS_TF32 = 2.0**-11  # inputs rounded to TF32 when a GPU is allowed to use it
+INT8_MIN_PROBES = 256  # below this, quantising each block costs what the int8 product saves (measured)
 SLACK = 1e-6  # absolute margin for the float32 rounding of exact scores and of the bound's own arithmetic
 
 
@@ -130,7 +132,7 @@ class ProbeSet:
         exact = unit_rows(probes)
         exact64 = exact.astype(np.float64)
         norm = np.linalg.norm(exact64, axis=1)
-        mode = mode or ("int8" if device == "cpu" else "float32")  # int8: VNNI / AVX-512 integer products
+        mode = mode or ("int8" if device == "cpu" and len(exact) >= INT8_MIN_PROBES else "float32")
         if mode == "float32":
             return cls(exact, device, mode, torch.from_numpy(exact).to(device), norm)
         peak = np.abs(exact64).max(axis=1, initial=0.0)
