@@ -1,4 +1,8 @@
-"""The reference engine: the same units of work in-process (ingest: shard after shard; match: unit after unit)."""
+"""The reference engine: the same units of work in-process (ingest: shard after shard; match: unit after unit).
+
+Ingest overlaps its two stages: a background thread prepares (decode, detect) the next shard while this
+thread embeds the current one and the job commits it. Commits stay in shard order, in the caller's thread.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,16 @@ import numpy as np
 from pipelines.embed import EmbedStage, ShardOutput
 from pipelines.match_unit import MatchUnit, run_unit
 from pipelines.matcher import TopK
+from pipelines.prefetch import read_ahead
 from pipelines.prepare import PrepareStage
 from pipelines.task import IngestTask, WorkItem
 
 
 def run_local(task: IngestTask, items: list[WorkItem]) -> Iterator[ShardOutput]:
     prepare, embed = PrepareStage(task), EmbedStage(task)
-    for item in items:
-        yield embed.process(prepare.process(item))
+    prepared = (prepare.process(item) for item in items)
+    for shard in read_ahead(prepared, depth=1, name="ingest-prepare"):
+        yield embed.process(shard)
 
 
 def match_local(units: list[MatchUnit], probes: np.ndarray) -> list[TopK]:
