@@ -16,18 +16,19 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"  # before anything imports ray: workers use this venv
 
 from PIL import Image
 
+import jobs.ingest as ingest_job
 from jobs.ingest import Engine, plan, run_ingest
 from lance_tables.sources import add_source
 from lance_tables.store import Gallery
 from pipelines import samples
 from pipelines.decode import Decoded, decode_image
-from pipelines.embed import EmbedStage
+from pipelines.embed import EmbedStage, ShardOutput
 from pipelines.prepare import CHUNK, PreparedShard, PrepareStage, read_shard_rows
 from pipelines.settings import Settings
 from pipelines.shards import find_shards, pack_folder
@@ -37,7 +38,7 @@ FACE = "facenet-untrained"
 IMAGE = "clip-untrained"
 SOURCE = "bench"
 SECTION = "## Ingest (scripts/bench_ingest.py)"
-DEFAULT_IMAGES = 96
+DEFAULT_IMAGES = 192
 TARGET = 0.7
 ENGINES: tuple[Engine, ...] = ("local", "ray")
 INTRO = (
@@ -70,6 +71,7 @@ class Results:
 
     rows: dict[str, Row] = field(default_factory=dict)
     once: dict[str, float] = field(default_factory=dict)
+    startup: dict[str, float] = field(default_factory=dict)  # per engine: job start to the first commit
     load: list[float] = field(default_factory=list)  # 1-minute load average at the start and at the end
     device: str = "auto"  # the device setting the stages ran with
 
@@ -185,6 +187,25 @@ def measure_prepare(
     return prepared
 
 
+def measure_shared(task: IngestTask, items: list[WorkItem], prepared: list[PreparedShard], res: Results) -> None:
+    """Both stages alone again on one torch thread each: the share each stage gets in a pipeline on this
+    machine (a Ray actor per CPU; the local engine's two threads on its cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        stage1, stage2 = PrepareStage(task), EmbedStage(task)
+        stage1.setup()
+        warm_embed(stage2, prepared)
+        out, seconds = timed(lambda: [stage1.process(item) for item in items])
+        res.rows["prepare_1t"] = Row("stage 1 alone, **1 thread**", sum(len(p.images) for p in out), seconds)
+        _, seconds = timed(lambda: [stage2.process(p) for p in prepared])
+        res.rows["embed_1t"] = Row("stage 2 alone, **1 thread**", sum(len(p.images) for p in prepared), seconds)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def warm_prepare(stage: PrepareStage, decoded: list[list[Image.Image]]) -> None:
     stage.setup()
     first = [img for shard in decoded for img in shard][:1]
@@ -252,7 +273,30 @@ def measure_engine(engine: Engine, tmp: Path, corpus: Corpus, res: Results) -> N
         from pipelines.engines.ray import start_ray
 
         _, res.once["Ray start (`start_ray`)"] = timed(lambda: start_ray(settings.ray_address, settings.ray_num_cpus))
-    summary, seconds = timed(lambda: run_ingest(settings, corpus.shards_dir, "all", engine, FACE, IMAGE, False))
+    commits: list[tuple[float, int]] = []
+    original = ingest_job.commit_shard
+
+    def commit(gallery: Any, output: ShardOutput, task: IngestTask) -> Any:
+        value = original(gallery, output, task)
+        commits.append((time.perf_counter(), int(output.stats["distinct_images"])))
+        return value
+
+    ingest_job.commit_shard = commit
+    try:
+        start = time.perf_counter()
+        summary, seconds = timed(lambda: run_ingest(settings, corpus.shards_dir, "all", engine, FACE, IMAGE, False))
+    finally:
+        ingest_job.commit_shard = original
+    if len(commits) >= 2:
+        res.startup[engine] = commits[0][0] - start
+        steady_images = sum(n for _, n in commits[1:])
+        res.rows[f"steady_{engine}"] = Row(
+            f"steady state, {engine} (first commit to last)",
+            steady_images,
+            commits[-1][0] - commits[0][0],
+            f"{len(commits) - 1} shards after the first; start-up (job start to first commit) "
+            f"{res.startup[engine]:.2f} s",
+        )
     if summary["images"] != corpus.images:
         raise RuntimeError(f"{engine}: ingested {summary['images']} images, expected {corpus.images}")
     note = (
@@ -310,28 +354,34 @@ def ram_gib() -> float:
 
 
 def ratios(res: Results) -> list[list[str]]:
-    """Per engine: end to end against the slowest stage alone (target) and against the engine's ideal."""
-    stage1, stage2 = res.rows["prepare"].rate, res.rows["embed"].rate
-    slowest = min(stage1, stage2)
-    ideal = {"local": 1 / (1 / stage1 + 1 / stage2) if stage1 and stage2 else 0.0, "ray": slowest}
+    """Per engine: end to end (and steady state) against the slowest stage alone, on all cores (the target's
+    literal figure) and on the one thread each stage gets in a pipeline here (the pipeline's own overhead)."""
+    slowest = min(res.rows["prepare"].rate, res.rows["embed"].rate)
+    shared = min(res.rows["prepare_1t"].rate, res.rows["embed_1t"].rate) if "prepare_1t" in res.rows else 0.0
     table = []
     for engine in ENGINES:
         row = res.rows.get(f"e2e_{engine}")
         if row is None:
             continue
-        ratio = row.rate / slowest if slowest else 0.0
-        table.append(
-            [
-                engine,
-                f"{row.rate:.2f}",
-                f"{slowest:.2f}",
-                f"{ratio:.2f}",
-                "yes" if ratio >= TARGET else "NO",
-                f"{ideal[engine]:.2f}",
-                f"{row.rate / ideal[engine] if ideal[engine] else 0.0:.2f}",
-            ]
-        )
+        steady = res.rows.get(f"steady_{engine}")
+        figures = [
+            row.rate / slowest if slowest else 0.0,
+            row.rate / shared if shared else 0.0,
+            steady.rate / shared if steady and shared else 0.0,
+        ]
+        cells = [engine, f"{row.rate:.2f}", f"{steady.rate:.2f}" if steady else "-"]
+        cells += [f"{res.startup.get(engine, 0.0):.1f}", f"{slowest:.2f}", f"{shared:.2f}"]
+        cells += [f"{f:.2f} ({'met' if f >= TARGET else 'NO'})" for f in figures]
+        table.append(cells)
     return table
+
+
+def ceiling(res: Results) -> float:
+    """The best any pipeline can do here against the all-cores figure: both stages at once on a core each."""
+    if "prepare_1t" not in res.rows:
+        return 0.0
+    slowest = min(res.rows["prepare"].rate, res.rows["embed"].rate)
+    return min(res.rows["prepare_1t"].rate, res.rows["embed_1t"].rate) / slowest if slowest else 0.0
 
 
 def markdown_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
@@ -340,7 +390,21 @@ def markdown_table(header: list[str], rows: list[list[str]], align: str) -> list
     return [f"| {' | '.join(cells)} |" for cells in [header, rule, *rows]]
 
 
-ORDER = ("decode", "detect", "clip_prep", "prepare", "face_embed", "image_embed", "embed", "e2e_local", "e2e_ray")
+ORDER = (
+    "decode",
+    "detect",
+    "clip_prep",
+    "prepare",
+    "face_embed",
+    "image_embed",
+    "embed",
+    "prepare_1t",
+    "embed_1t",
+    "e2e_local",
+    "steady_local",
+    "e2e_ray",
+    "steady_ray",
+)
 
 
 def throughput_lines(res: Results) -> list[str]:
@@ -361,13 +425,15 @@ def ratio_lines(res: Results) -> list[str]:
     header = [
         "Engine",
         "End to end img/s",
-        "Slowest stage alone img/s",
-        f"Ratio (target >= {TARGET})",
-        "Met",
-        "Engine ideal img/s",
-        "End to end / ideal",
+        "Steady state img/s",
+        "Start-up s",
+        "Slowest stage alone, all cores",
+        "Slowest stage alone, 1 thread",
+        f"End to end / all cores (target >= {TARGET})",
+        "End to end / 1 thread",
+        "Steady state / 1 thread",
     ]
-    return markdown_table(header, ratios(res), "lrrrlrr")
+    return markdown_table(header, ratios(res), "lrrrrrrrr")
 
 
 def render(res: Results, corpus: Corpus, args: argparse.Namespace, command: str) -> str:
@@ -395,23 +461,29 @@ def render(res: Results, corpus: Corpus, args: argparse.Namespace, command: str)
         "",
     ]
     lines += [*throughput_lines(res), "", *once_lines(res), "", *ratio_lines(res), ""]
-    lines += notes()
+    lines += notes(ceiling(res))
     return "\n".join(lines) + "\n"
 
 
-def notes() -> list[str]:
+def notes(best: float) -> list[str]:
     return [
         "How to read it:",
         "",
         "- Stage-alone rows exclude one-time model loading and a one-image warm-up (listed separately); the end "
         "to end rows include them (in-process for `local`, inside the actors for `ray`), and the Parquet read, "
-        "shard hashing, planning and every LanceDB commit. Ray start-up is not in the `ray` row.",
-        "- Ratio = end to end / the slower of stage 1 and stage 2 alone; the project target is >= 0.7 (pipeline "
-        "overhead under 30%). The `local` engine runs the two stages one after the other, so its ideal is "
-        "1 / (1/stage1 + 1/stage2) and it cannot reach the target when the stages are of similar speed; "
-        "`ray` overlaps them, so its ideal is the slowest stage.",
-        "- Stage-alone rows use every torch thread of the driver; Ray sets `OMP_NUM_THREADS` to each actor's "
-        "CPU count (1 here), so each Ray stage runs on one thread.",
+        "shard hashing, planning and every LanceDB commit. Ray start-up (`start_ray`) is not in the `ray` row; "
+        "the actors' start (worker processes, imports, model loads) is, and is the `Start-up` column: job "
+        "start to the first committed shard. Steady state is the images after the first shard over the time "
+        "from the first commit to the last.",
+        "- Both engines overlap the stages: `local` prepares the next shard in a background thread while it "
+        "embeds and commits the current one; `ray` runs each stage on its own actor, one CPU each.",
+        f"- The project target is end to end >= {TARGET}x the slowest stage alone (pipeline overhead under 30%). "
+        "Measured against the stage alone **on all cores**, no pipeline can reach it on a machine where both "
+        "stages share the same few CPU cores: the best is both stages at once on a core each, "
+        f"{best:.2f}x here (min of the 1-thread rows / the slowest all-cores row). Against the stage alone on "
+        "**1 thread**, the share each stage gets in the pipeline, the ratio is the pipeline's own overhead. On "
+        "a machine with a GPU the model stage runs there and the stages stop competing for the cores.",
+        "- Ray sets `OMP_NUM_THREADS` to each actor's CPU count (1 here), so each Ray stage runs on one thread.",
         "",
     ]
 
@@ -460,7 +532,9 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[Results, Corpus]:
     task = IngestTask.from_settings(settings, "all", FACE, IMAGE)
     corpus = build_corpus(tmp, args.images, args.rows_per_shard, task)
     decoded = measure_decode(task, corpus.items, res)
-    measure_embed(task, measure_prepare(task, corpus.items, decoded, res), res)
+    prepared = measure_prepare(task, corpus.items, decoded, res)
+    measure_embed(task, prepared, res)
+    measure_shared(task, corpus.items, prepared, res)
     for engine in (e for e in ENGINES if e in args.engine_list):
         measure_engine(engine, tmp, corpus, res)
     res.load.append(os.getloadavg()[0])
