@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 _POLL_S = 0.1
 
 
-def read_ahead(items: Iterable[T], depth: int = 1, name: str = "read-ahead") -> Iterator[T]:
+def read_ahead(
+    items: Iterable[T], depth: int = 1, name: str = "read-ahead", meanwhile: Callable[[], object] | None = None
+) -> Iterator[T]:
     """Yield `items` in order while a background thread produces up to `depth` of them ahead.
+
+    `meanwhile` runs in the consumer's thread once the producer has started (loading what the consumer
+    needs while the first item is produced).
 
     An error raised while producing an item is raised here, in the consumer, at that item's place; the
     items before it are all yielded first. When the consumer stops early (an error of its own, or it
@@ -43,6 +48,8 @@ def read_ahead(items: Iterable[T], depth: int = 1, name: str = "read-ahead") -> 
     worker = threading.Thread(target=produce, name=name, daemon=True)
     worker.start()
     try:
+        if meanwhile is not None:
+            meanwhile()
         while True:
             kind, value = box.get()
             if kind == "end":

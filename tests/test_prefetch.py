@@ -55,3 +55,21 @@ def test_stopping_early_stops_the_producer() -> None:
                 raise RuntimeError("the consumer failed")
     assert threading.active_count() == before  # the producer thread is joined
     assert len(produced) <= 6
+
+
+def test_meanwhile_runs_while_the_first_item_is_produced() -> None:
+    events: list[str] = []
+    started = threading.Event()
+
+    def items() -> Iterator[int]:
+        started.set()
+        time.sleep(0.05)
+        events.append("produced")
+        yield 1
+
+    def meanwhile() -> None:
+        assert started.wait(5)
+        events.append("meanwhile")
+
+    assert list(read_ahead(items(), meanwhile=meanwhile)) == [1]
+    assert events == ["meanwhile", "produced"]

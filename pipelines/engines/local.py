@@ -20,9 +20,10 @@ from pipelines.task import IngestTask, WorkItem
 
 def run_local(task: IngestTask, items: list[WorkItem]) -> Iterator[ShardOutput]:
     prepare, embed = PrepareStage(task), EmbedStage(task)
+    prepare.setup()  # here, not in the thread: the libraries are imported by one thread only
     prepared = (prepare.process(item) for item in items)
-    for shard in read_ahead(prepared, depth=1, name="ingest-prepare"):
-        yield embed.process(shard)
+    for shard in read_ahead(prepared, depth=1, name="ingest-prepare", meanwhile=embed.setup):  # models load
+        yield embed.process(shard)  # while the first shard is prepared
 
 
 def match_local(units: list[MatchUnit], probes: np.ndarray) -> list[TopK]:
