@@ -22,7 +22,8 @@ RESCORE_CHUNK = 1024  # pairs rescored at once (small gathers stay in cache: mea
 EPS32 = 2.0**-24  # float32 unit roundoff
 EPS_TF32 = 2.0**-11  # inputs rounded to TF32 when a GPU is allowed to use it
 INT8_MIN_PROBES = 256  # below this, quantising each block costs what the int8 product saves (measured)
-SLACK = 1e-6  # absolute margin for the float32 rounding of exact scores and of the bound's own arithmetic
+SLACK = 1e-6  # absolute margin for the bound's own float arithmetic
+MARGIN = 1e-3  # relative margin on computed norms and on the int8 step (float32 norms err by up to d * u)
 
 
 @dataclass
@@ -212,14 +213,16 @@ def _approximate(probes: ProbeSet, gallery: np.ndarray) -> tuple[Any, np.ndarray
     with warnings.catch_warnings():  # Arrow buffers are read-only; the block is only ever read
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         block = torch.from_numpy(gallery)
-    gmax = float(torch.linalg.vector_norm(block, dim=1).amax()) * (1 + 1e-6)
+    gmax = float(torch.linalg.vector_norm(block, dim=1).amax()) * (1 + MARGIN)
+    rounding = 4 * EPS32 * probes.norm * gmax  # exact scores are float32-rounded: a candidate at the k-th
+    # score may be that much above its true dot product
     rows = len(gallery)
     if probes.mode == "float32":
         block = block.to(probes.device)
         d = gallery.shape[1]
         tf32 = probes.device != "cpu" and bool(torch.backends.cuda.matmul.allow_tf32)
         gamma = d * EPS32 / (1 - d * EPS32) + (2 * EPS_TF32 if tf32 else 0.0)
-        bound = gamma * probes.norm * gmax + SLACK
+        bound = gamma * probes.norm * gmax + rounding + SLACK
         out = probes.buffer("scores", (len(probes.exact), rows), torch.float32)
         return torch.mm(probes.tensor, block.T, out=out), np.ones(len(probes.exact)), bound
     assert probes.scale is not None and probes.l1 is not None and probes.resid is not None
@@ -229,7 +232,8 @@ def _approximate(probes: ProbeSet, gallery: np.ndarray) -> tuple[Any, np.ndarray
     scaled = torch.mul(block, 1.0 / step, out=probes.buffer("scaled", tuple(block.shape), torch.float32))
     g8 = probes.buffer("g8", tuple(block.shape), torch.int8)
     g8.copy_(scaled.round_())  # |block / step| <= 127 by the choice of step
-    bound = (probes.l1 * step / 2 + probes.resid * gmax) * (1 + 1e-6) + SLACK
+    # |g / step - g8| <= 1/2 plus the float32 rounding of g * (1 / step): covered by MARGIN
+    bound = probes.l1 * step / 2 * (1 + MARGIN) + probes.resid * gmax + rounding + SLACK
     out = probes.buffer("scores", (len(probes.exact), rows), torch.int32)
     return torch._int_mm(probes.tensor, g8.T, out=out), probes.scale * step, bound
 
