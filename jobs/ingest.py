@@ -105,7 +105,14 @@ def _outputs(settings: Settings, task: IngestTask, items: list[WorkItem], engine
     if engine == "ray":
         from pipelines.engines.ray import run_ray
 
-        return run_ray(task, items, settings.ray_address, settings.ray_num_cpus, settings.shards_per_model_batch)
+        return run_ray(
+            task,
+            items,
+            settings.ray_address,
+            settings.ray_num_cpus,
+            settings.shards_per_model_batch,
+            settings.model_threads,
+        )
     if engine == "modal":
         from pipelines.engines.modal import run_modal
 

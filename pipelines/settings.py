@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     image_batch_size: int = Field(16, ge=1, description="images per open_clip forward pass")
     detect_batch_size: int = Field(8, ge=1, description="equal-size images per MTCNN call")
     shards_per_model_batch: int = Field(1, ge=1, description="Ray Data batch size of the model stage, in shards")
+    model_threads: int | None = Field(
+        None, ge=1, description="torch threads of the Ray model actor on CPU (default: every core of its node)"
+    )
 
     watchlist_default_days: int = Field(90, ge=1, description="expiry of a watchlist submitted without --expires")
     watchlist_max_days: int = Field(365, ge=1, description="the latest expiry a watchlist may ask for")

@@ -77,3 +77,43 @@ def test_embeddings_are_unit_512d_and_deterministic(detector: FaceDetector, embe
     assert embedder.weights_digest.startswith("sha256:")
     other = FaceEmbedder(FACE, Path("/nonexistent"), downloads=False, batch_size=8)
     assert other.weights_digest == embedder.weights_digest  # the untrained id is seeded, so reproducible
+
+
+def test_detection_matches_facenet_reference_pipeline(detector: FaceDetector) -> None:
+    """The detector runs MTCNN channels-last for speed: the faces must be the reference's (facenet-pytorch's
+    own MTCNN, plain memory format) up to float rounding, and the crops its extract_face crops."""
+    import torch
+    from facenet_pytorch import MTCNN, extract_face
+
+    reference = MTCNN(image_size=CROP_SIZE, margin=0, min_face_size=20, keep_all=True)
+    assert not reference.pnet.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images = [samples.astronaut(), samples.composite(3), samples.astronaut(300), samples.no_face_images()["coffee"]]
+    for image, faces in zip(images, detector.detect(images), strict=True):
+        found = reference.detect(image, landmarks=True)
+        expected = [] if found[0] is None else [i for i, p in enumerate(found[1]) if p >= 0.9]
+        boxes, probs, points = (np.asarray(a, dtype=np.float64) for a in found) if expected else found
+        assert len(faces) == len(expected)
+        for face in faces:
+            i = min(expected, key=lambda k: float(np.abs(boxes[k] - np.array(face.box)).sum()))
+            assert np.allclose(face.box, boxes[i], atol=1e-3)
+            assert abs(face.prob - probs[i]) < 1e-5
+            assert np.allclose(face.landmarks, points[i].reshape(-1), atol=1e-3)
+            ref_crop = extract_face(image, boxes[i], CROP_SIZE, 0).permute(1, 2, 0).numpy().astype(np.uint8)
+            assert np.abs(face.crop.astype(int) - ref_crop.astype(int)).max() <= 1
+
+
+def test_embeddings_match_the_plain_memory_format(embedder: FaceEmbedder, detector: FaceDetector) -> None:
+    """InceptionResnetV1 also runs channels-last: same vectors as the model in its plain format."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from facenet_pytorch import fixed_image_standardization
+
+    crops = stack_crops(detector.detect([samples.composite(2)])[0])
+    plain = copy.deepcopy(embedder.model).to(memory_format=torch.contiguous_format)
+    assert not plain.conv2d_1a.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        x = fixed_image_standardization(torch.from_numpy(crops).permute(0, 3, 1, 2).float())
+        expected = F.normalize(plain(x.contiguous()), p=2, dim=1).numpy()
+    assert np.allclose(embedder.embed(crops), expected, atol=1e-5)

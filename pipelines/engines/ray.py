@@ -43,9 +43,17 @@ class _PrepareActor:
 
 
 class _EmbedActor:
-    """Model stage: the embedders load once per actor; a batch of prepared shards in, outputs out."""
+    """Model stage: the embedders load once per actor; a batch of prepared shards in, outputs out.
 
-    def __init__(self, task: IngestTask):
+    On CPU it is the slow stage, so it runs torch on every core of its node (or `threads`), not on the one
+    thread Ray's OMP_NUM_THREADS=1 gives an actor of one CPU: the prepare actors' cores are idle whenever
+    they wait for it, and its threads take that time up."""
+
+    def __init__(self, task: IngestTask, threads: int | None, on_gpu: bool):
+        if not on_gpu:
+            import torch
+
+            torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         self.stage = EmbedStage(task)
         self.stage.setup()
 
@@ -55,7 +63,12 @@ class _EmbedActor:
 
 
 def run_ray(
-    task: IngestTask, items: list[WorkItem], address: str | None, num_cpus: int | None, shards_per_batch: int
+    task: IngestTask,
+    items: list[WorkItem],
+    address: str | None,
+    num_cpus: int | None,
+    shards_per_batch: int,
+    model_threads: int | None = None,
 ) -> Iterator[ShardOutput]:
     if not items:
         return
@@ -79,7 +92,7 @@ def run_ray(
     )
     ds = ds.map_batches(
         _EmbedActor,
-        fn_constructor_args=(task,),
+        fn_constructor_args=(task, model_threads, bool(gpus)),
         batch_size=shards_per_batch,
         compute=ActorPoolStrategy(size=1),
         num_cpus=0 if gpus else 1,
