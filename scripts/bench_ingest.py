@@ -45,7 +45,8 @@ INTRO = (
     "# Benchmarks\n\n"
     "Every figure here was measured by a script in `scripts/` on the machine named beside it, with the date "
     "and the exact command line. The machines are small and shared, so absolute times are noisy: compare the "
-    "ratios (end to end against the slowest stage alone) rather than raw images/s across runs. Rerun with "
+    "ratios measured in the same run (end to end against the stage bound, ours against FAISS) rather than raw "
+    "figures across runs. Rerun with "
     "`make bench` (or the command shown in a section); each script replaces its own section.\n"
 )
 T = TypeVar("T")
