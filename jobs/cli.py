@@ -18,12 +18,6 @@ if TYPE_CHECKING:
     from pipelines.probes import ProbeModality
     from pipelines.task import Modality
 
-if TYPE_CHECKING:
-    from jobs.ingest import Engine
-    from jobs.match import MatchEngine, Method
-    from pipelines.probes import ProbeModality
-    from pipelines.task import Modality
-
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 sources_app = typer.Typer(help="Register and list gallery sources (provenance and legal basis).", no_args_is_help=True)
 app.add_typer(sources_app, name="sources")
@@ -65,21 +59,9 @@ def sources_add(
     as_json: JsonOpt = False,
 ) -> None:
     """Register a gallery source; scraped, social-media, bulk-CCTV and unknown channels are refused."""
-    from lance_tables.sources import add_source
-    from lance_tables.store import Gallery
-    from pipelines.audit import AuditLog, table_versions
+    from jobs.admin import register_source
 
-    settings = _settings()
-    gallery = Gallery(settings.lance_dir)
-    row = add_source(gallery, source_id, channel, legal_basis, terms, registered_by)
-    if row["created"]:
-        AuditLog(settings.audit_dir).append(
-            registered_by or settings.actor,
-            "sources.add",
-            source_id=source_id,
-            channel=channel,
-            table_versions=table_versions(gallery, ("sources",)),
-        )
+    row = register_source(_settings(), source_id, channel, legal_basis, terms, registered_by)
     verb = "registered" if row["created"] else "already registered (same provenance)"
     _emit(row, as_json, lambda r: f"source {r['source_id']} {verb}: channel={r['channel']}")
 
@@ -107,35 +89,23 @@ def pack(
     source: Annotated[str, typer.Option("--source", help="a registered source id")],
     rows_per_shard: Annotated[int | None, typer.Option(min=1, help="images per shard")] = None,
     metadata: Annotated[Path | None, typer.Option(help="CSV: path, subject_id, minor, captured_at")] = None,
+    minor_default: Annotated[
+        str | None,
+        typer.Option(
+            help="true | false: the minor flag of images the metadata CSV does not cover (audited); "
+            "without it such images carry no flag and ingest quarantines them (minors fail closed)"
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Pack a folder of image files into Parquet image shards (bytes as-is, one row per distinct sha256)."""
     from dataclasses import asdict
 
-    from lance_tables.sources import require_registered
-    from lance_tables.store import Gallery
-    from pipelines.shards import pack_folder, read_metadata_csv
+    from jobs.admin import pack_images
 
-    settings = _settings()
-    require_registered(Gallery(settings.lance_dir), {source})
-    meta = read_metadata_csv(metadata) if metadata else None
-    report = pack_folder(
-        images_dir, shards_dir, source, rows_per_shard or settings.rows_per_shard, settings.max_image_bytes, meta
-    )
-    from pipelines.audit import AuditLog, digest
-
-    AuditLog(settings.audit_dir).append(
-        settings.actor,
-        "pack",
-        source_id=source,
-        inputs_digest=digest(report.shards),
-        counts={
-            "files": report.files,
-            "distinct": report.distinct,
-            "duplicates": report.duplicates,
-            "shards": len(report.shards),
-        },
-    )
+    _choice("--minor-default", minor_default or "true", ("true", "false"))
+    default = None if minor_default is None else minor_default == "true"
+    report = pack_images(_settings(), images_dir, shards_dir, source, rows_per_shard, metadata, default)
     _emit(
         asdict(report),
         as_json,
@@ -243,15 +213,12 @@ def watchlist_submit(
     as_json: JsonOpt = False,
 ) -> None:
     """Register a watchlist: PROBES is a folder of photos or a Parquet of probe embeddings (needs --model-id)."""
-    import datetime as dt
-
     from jobs.watchlist import Submission, submit
 
     _choice("--modality", modality, ("face", "image"))
-    try:
-        expiry = dt.date.fromisoformat(expires) if expires else None
-    except ValueError as exc:
-        raise GalleryMatchError(f"--expires must be a date YYYY-MM-DD, got {expires!r}") from exc
+    from jobs.options import iso_date
+
+    expiry = iso_date("--expires", expires) if expires is not None else None
     sub = Submission(
         probes,
         name,
@@ -318,22 +285,10 @@ def watchlist_close(
     closed_by: Annotated[str, typer.Option(help="opaque id of who closes it")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Close a watchlist: it is no longer matched."""
-    from lance_tables.store import Gallery
-    from lance_tables.watchlists import close_watchlist
-    from pipelines.audit import AuditLog
+    """Close a watchlist: it is no longer matched; its probe vectors go after the grace period (retention)."""
+    from jobs.admin import close
 
-    settings = _settings()
-    gallery = Gallery(settings.lance_dir)
-    record = close_watchlist(gallery, watchlist_id, closed_by)
-    AuditLog(settings.audit_dir).append(
-        closed_by,
-        "watchlist.close",
-        case_id=record["case_id"],
-        purpose=record["purpose"],
-        watchlist_id=watchlist_id,
-        table_versions={"watchlists": gallery.version("watchlists")},
-    )
+    record = close(_settings(), watchlist_id, closed_by)
     _emit(record, as_json, lambda r: f"watchlist {r['watchlist_id']} is {r['status']}")
 
 
@@ -372,11 +327,9 @@ def match(
 @results_app.command("list")
 def results_list(as_json: JsonOpt = False) -> None:
     """Every complete result set, newest first."""
-    from pipelines.results import list_runs, recover
+    from pipelines.results import list_runs
 
-    settings = _settings()
-    recover(settings.results_dir, settings.staging_dir)
-    runs = list_runs(settings.results_dir)
+    runs = list_runs(_settings().store)
     _emit(
         {"runs": runs},
         as_json,
@@ -398,13 +351,13 @@ def results_show(
     as_json: JsonOpt = False,
 ) -> None:
     """One result set: its manifest and the best candidates of each probe."""
+    from jobs.review import with_reviews
     from pipelines.results import read_run, require_run
 
-    manifest = require_run(_settings().results_dir, run_id)
-    from jobs.review import with_reviews
-
-    table = read_run(Path(manifest["path"]))
-    rows = with_reviews(_settings(), [r for r in table.to_pylist() if r["rank"] <= limit])
+    settings = _settings()
+    manifest = require_run(settings.store, run_id)
+    table = read_run(settings.store, manifest)
+    rows = with_reviews(settings, [r for r in table.to_pylist() if r["rank"] <= limit])
     _emit(
         manifest | {"candidates_shown": rows},
         as_json,
@@ -412,7 +365,7 @@ def results_show(
             [r["notice"]]
             + [
                 f"{c['probe_id']}  #{c['rank']:<3} {c['score']:.4f} {'*' if c['above_threshold'] else ' '} "
-                f"{c['gallery_id']}  image {c['image_id']}  source {c['source_id']}  {c['review_status']}"
+                f"{c['gallery_id']}  {_named(c)}  source {c['source_id']}  {c['review_status']}"
                 for c in r["candidates_shown"]
             ]
         ),
@@ -427,30 +380,10 @@ def results_export(
     as_json: JsonOpt = False,
 ) -> None:
     """Copy one result set (Parquet parts + manifest) out of the home; the export is audited."""
-    import json as _json
-    import shutil
+    from jobs.admin import export_run
 
-    from pipelines.audit import AuditLog
-    from pipelines.results import require_run
-    from pipelines.shards import check_id
-
-    check_id("requester id", requested_by)
-    settings = _settings()
-    manifest = require_run(settings.results_dir, run_id)
-    target = to / f"watchlist_id={manifest['watchlist_id']}" / f"run_id={run_id}"
-    shutil.copytree(manifest["path"], target, dirs_exist_ok=True)
-    (to / f"{run_id}.manifest.json").write_text(_json.dumps(manifest, indent=2, default=str))
-    AuditLog(settings.audit_dir).append(
-        requested_by,
-        "results.export",
-        case_id=manifest["case_id"],
-        purpose=manifest.get("purpose"),
-        run_id=run_id,
-        watchlist_id=manifest["watchlist_id"],
-        counts={"rows": manifest["rows"]},
-    )
     _emit(
-        {"run_id": run_id, "path": str(target), "rows": manifest["rows"]},
+        export_run(_settings(), run_id, to, requested_by),
         as_json,
         lambda r: f"exported {r['rows']} candidate rows to {r['path']}",
     )
@@ -479,21 +412,29 @@ def _choice(flag: str, value: str, valid: tuple[str, ...]) -> None:
         raise GalleryMatchError(f"{flag} must be one of {', '.join(valid)}; got {value!r}")
 
 
+def _named(candidate: dict[str, Any]) -> str:
+    """How a candidate is named to a person: its image, or the importer's record id."""
+    if candidate.get("image_id"):
+        return f"image {candidate['image_id']}"
+    return f"record {candidate.get('record_id')}"
+
+
 def main() -> None:
+    """Run the CLI: usage errors exit 2 with the usage line, known errors one line on stderr, no tracebacks."""
+    from jobs.exits import exit_code_of
+
     try:
         code = app(standalone_mode=False)  # a typer.Exit inside a command comes back as its exit code
-        sys.exit(code if isinstance(code, int) else 0)
-    except GalleryMatchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except (typer.Exit, SystemExit) as exc:
-        sys.exit(getattr(exc, "exit_code", None) or getattr(exc, "code", 0) or 0)
-    except Exception as exc:  # click usage errors and the like
-        import click
+    except BaseException as exc:  # noqa: BLE001 - every ending is turned into a message and an exit code
+        sys.exit(exit_code_of(exc))
+    _flush_quietly()
+    sys.exit(code if isinstance(code, int) else 0)
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+
+def _flush_quietly() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        from jobs.exits import silence_stdout
+
+        silence_stdout()

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from pipelines.errors import GalleryMatchError
-
-audit_app = typer.Typer(help="The hash-chained audit trail: verify it, show it.", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="The hash-chained, signed audit trail: verify it, show it, export a checkpoint.", no_args_is_help=True
+)
 retention_app = typer.Typer(help="Expire watchlists and delete result sets past retention.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 
@@ -26,17 +26,27 @@ def _print(result: dict[str, Any], as_json: bool, human: str) -> None:
 
 
 @audit_app.command("verify")
-def audit_verify(as_json: JsonOpt = False) -> None:
-    """Recompute the chain; exit 1 naming the first record that does not fit."""
-    from pipelines.audit import AuditLog
+def audit_verify(
+    against: Annotated[
+        Path | None, typer.Option(help="a checkpoint file kept elsewhere: the log must still extend it")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recompute the chain and hold it against every signed checkpoint and handed-out head; exit 1 if broken."""
+    from jobs.audit_job import verify_home
 
-    result = AuditLog(_settings().audit_dir).verify()
-    human = (
-        f"audit chain intact: {result['records']} records"
+    result = verify_home(_settings(), against)
+    lines = [
+        f"audit chain intact: {result['records']} records, {result['anchors_checked']} anchors agree"
         if result["ok"]
-        else f"audit chain BROKEN at record {result['first_bad_line']}: {result['problem']}"
-    )
-    _print(result, as_json, human)
+        else f"audit chain BROKEN: {result['records']} records"
+    ]
+    lines += [f"  problem: {p}" for p in result["problems"]]
+    lines += [
+        f"  incomplete: record {i['seq']} {i['action']} by {i['actor']} has no outcome (stopped, or running now)"
+        for i in result["incomplete_actions"]
+    ]
+    _print(result, as_json, "\n".join(lines))
     if not result["ok"]:
         raise typer.Exit(1)
 
@@ -47,16 +57,38 @@ def audit_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Audit records (opaque ids, digests, versions and counts; no biometrics, no names)."""
+    from jobs.audit_job import printable
     from pipelines.audit import AuditLog
 
-    records = [r for r in AuditLog(_settings().audit_dir).records() if case_id is None or r.get("case_id") == case_id]
-    human = (
-        "\n".join(
-            f"{r['seq']:>6} {r['time'][:19]} {r['actor']:<16} {r['action']:<18} {r.get('case_id', '')}" for r in records
-        )
-        or "no audit records"
-    )
-    _print({"records": records}, as_json, human)
+    records = AuditLog.of(_settings()).records()
+    closed = {r.get("intent_seq") for r in records if r.get("phase") == "outcome"}
+    chosen = [r for r in records if case_id is None or r.get("case_id") == case_id]
+    rows = [
+        f"{r['seq']:>6} {printable(r.get('time', ''))[:19]} {printable(r.get('actor', '')):<16} "
+        f"{printable(r.get('action', 'UNREADABLE')):<18} {_phase(r, closed):<22} {printable(r.get('case_id', ''))}"
+        for r in chosen
+    ]
+    _print({"records": chosen}, as_json, "\n".join(rows) or "no audit records")
+
+
+def _phase(record: dict[str, Any], closed: set[Any]) -> str:
+    if record.get("phase") == "intent":
+        return "intent" if record["seq"] in closed else "intent, NO OUTCOME"
+    if record.get("phase") == "outcome":
+        return f"outcome {record.get('status')} (#{record.get('intent_seq')})"
+    return "UNREADABLE" if record.get("unreadable") else ""
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(
+    to: Annotated[Path, typer.Option("--to", help="file to write the signed checkpoint to (never overwritten)")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Export a signed checkpoint (record count + head hash) for a third party to keep; `verify --against` it later."""
+    from jobs.audit_job import export_checkpoint
+
+    result = export_checkpoint(_settings(), to)
+    _print(result, as_json, f"checkpoint of {result['count']} records written to {result['path']}")
 
 
 def review(
@@ -93,12 +125,10 @@ def report(
     as_json: JsonOpt = False,
 ) -> None:
     """Transparency report from the audit trail: watchlists by purpose, runs, candidates, reviews, erasures."""
+    from jobs.options import iso_date
     from jobs.report import transparency_report
 
-    try:
-        start = dt.date.fromisoformat(since)
-    except ValueError as exc:
-        raise GalleryMatchError(f"--since must be a date YYYY-MM-DD, got {since!r}") from exc
+    start = iso_date("--since", since)
     result = transparency_report(_settings(), start)
     human = "\n".join(f"{k}: {v}" for k, v in result.items())
     _print(result, as_json, human)

@@ -1,29 +1,37 @@
-"""Erasure: rows gone from every table, indexes rebuilt, old versions dropped, result sets rewritten, a receipt."""
+"""Erasure as a journal: the plan is recorded before anything is removed, every step is idempotent and marked
+done, and a rerun (or the next writer command) resumes the plan instead of recomputing it from what is left.
+
+Journal objects under `erasure/journal/<receipt_id>/` (create-if-absent only): `plan.json` (row keys, ids,
+affected runs), `vectors.npz` (the erased vectors, for the byte-scan check; deleted once the check passed),
+`step-<name>.json` per finished step, `checks-failed-<n>.json` per failed check, `done.json` last.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
-import shutil
 import uuid
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from lance_tables.erasure import ERASED, delete_keys, purge, tagged, vector_patterns
-from lance_tables.store import Gallery, sql_list
-from pipelines.audit import AuditLog
+from jobs.erase_steps import TABLES, affected_runs, checks, find_rows, rewrite_runs, selectors
+from lance_tables.erasure import ERASED, delete_keys, present, purge, tagged
+from lance_tables.reviews import delete_reviews
+from lance_tables.store import Gallery
+from pipelines.audit import AuditLog, Outcome
 from pipelines.errors import GalleryMatchError, Refused
-from pipelines.locks import writer_lock
-from pipelines.results import list_runs, manifest_path, read_run, run_dir, write_result_set
+from pipelines.objectstore import ObjectStore
+from pipelines.results import list_runs
 from pipelines.settings import Settings
 from pipelines.shards import check_id
 
-TABLES = ("images", "faces", "image_embeddings", "quarantine", "probes")
+JOURNAL = "erasure/journal/"
+RECEIPTS = "erasure/receipts/"
 KEY = {
     "images": "image_id",
     "faces": "face_id",
@@ -33,30 +41,25 @@ KEY = {
 }
 
 
-def selectors(image_id: str | None, subject_id: str | None, source_id: str | None) -> dict[str, str]:
-    """Per table, the predicate (on opaque ids only) that finds the rows to erase."""
-    given = [(k, v) for k, v in (("image", image_id), ("subject", subject_id), ("source", source_id)) if v]
-    if len(given) != 1:
-        raise Refused("give exactly one of --image-id, --subject-id, --source")
-    kind, value = given[0]
-    check_id(f"{kind} id", value)
-    v = sql_list([value])
-    if kind == "image":
-        return {
-            "images": f"image_id IN {v}",
-            "faces": f"image_id IN {v}",
-            "image_embeddings": f"image_id IN {v}",
-            "quarantine": f"item_id IN {v}",
-            "probes": f"photo_sha256 IN {v}",
-        }
-    column = "subject_id" if kind == "subject" else "source_id"
-    return {
-        "images": f"{column} IN {v}",
-        "faces": f"{column} IN {v}",
-        "image_embeddings": f"{column} IN {v}",
-        "quarantine": f"source_id IN {v}" if kind == "source" else "",
-        "probes": f"{column} IN {v}" if kind == "subject" else "",
-    }
+@dataclass
+class Plan:
+    """What one erasure removes, fixed before the first removal."""
+
+    receipt_id: str
+    selector: dict[str, str]  # kind -> opaque id
+    requested_by: str
+    reason_digest: str
+    keys: dict[str, list[str]]  # table -> row keys
+    gallery_ids: list[str]
+    image_ids: list[str]
+    probes: list[list[str]]  # [watchlist_id, probe_id]
+    runs: list[str]  # run ids naming the person when planned
+    vectors: int
+    planned_at: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
+
+    @property
+    def prefix(self) -> str:
+        return f"{JOURNAL}{self.receipt_id}/"
 
 
 def erase(
@@ -67,148 +70,199 @@ def erase(
     subject_id: str | None = None,
     source_id: str | None = None,
 ) -> dict[str, Any]:
+    from jobs.session import writer_session
+
     check_id("requester id", requested_by)
     if not reason.strip():
         raise Refused("an erasure needs --reason")
-    where = selectors(image_id, subject_id, source_id)
-    with writer_lock(settings.home, exclusive=True):
+    selector = selectors(image_id, subject_id, source_id)
+    with writer_session(settings, "erase", exclusive=True) as log:
         gallery = Gallery(settings.lance_dir)
-        blocked = tagged(gallery, [*TABLES, "erased"])
+        blocked = tagged(gallery, [*TABLES, "erased", "reviews"])
         if blocked:
             raise Refused(f"tagged versions pin old data ({blocked}); delete the tags first. Nothing was removed.")
-        return _erase_locked(settings, gallery, where, reason, requested_by)
+        unfinished = [p for p in _journals(settings.store) if p.selector == selector.ids]
+        if unfinished:  # a failed or interrupted erasure of the same person: finish that plan, never a new one
+            return _run(settings, gallery, log, unfinished[0], requested_by, resumed=True)
+        with log.action(requested_by, "erase", selector_kind=selector.kind, reason=_digest(reason)) as op:
+            plan, vectors = _plan(settings, gallery, selector, requested_by, reason, op)
+            _store_plan(settings.store, plan, vectors, op)
+            return _execute(settings, gallery, log, plan, op)
 
 
-def _erase_locked(
-    settings: Settings, gallery: Gallery, where: dict[str, str], reason: str, requested_by: str
-) -> dict[str, Any]:
-    receipt_id = "erasure-" + uuid.uuid4().hex[:16]
-    before = {n: gallery.version(n) for n in TABLES}
-    found = {n: _matching(gallery, n, where[n]) for n in TABLES}
-    image_ids = sorted({i for n in ("images", "faces", "image_embeddings") for i in found[n]["image_id"] if i})
-    image_ids += [i for i in found["quarantine"]["item_id"] if len(i) == 64 and i not in image_ids]
-    vectors = [v for n in ("faces", "image_embeddings", "probes") for v in found[n]["vector"]]
-    removed = {n: delete_keys(gallery, n, KEY[n], found[n][KEY[n]]) for n in TABLES}
-    gallery_ids = {i for n in ("faces", "image_embeddings") for i in found[n][KEY[n]]}
-    removed["reviews"] = delete_keys(gallery, "reviews", "gallery_id", sorted(gallery_ids))
-    _block_reingest(gallery, image_ids, receipt_id)
-    purged = {n: purge(gallery, n) for n in (*TABLES, "reviews", "erased")}  # also drops crashed writers' files
-    probe_ids = {(k.split("/", 1)[0], k.split("/", 1)[1]) for k in found["probes"]["probe_key"]}
-    rewritten = _rewrite_results(settings, gallery_ids, set(image_ids), probe_ids)
-    shutil.rmtree(settings.staging_dir, ignore_errors=True)  # files of crashed match runs; we hold the lock
-    checks = _checks(settings, gallery, vectors)
-    receipt = {
-        "receipt_id": receipt_id,
-        "erased_at": dt.datetime.now(dt.UTC).isoformat(),
-        "requested_by": requested_by,
-        "reason_digest": "sha256:" + hashlib.sha256(reason.encode()).hexdigest(),
-        "removed_rows": removed,
-        "images_blocked_from_reingest": len(image_ids),
-        "result_sets_rewritten": rewritten,
-        "versions_before": before,
-        "versions_after": {n: gallery.version(n) for n in TABLES},
-        "purge": purged,
-        "checks": checks,
-        "ok": all(c["passed"] for c in checks),
-    }
-    receipt_hash = _write_receipt(settings, receipt)
-    AuditLog(settings.audit_dir).append(
-        requested_by,
-        "erase",
-        receipt_id=receipt_id,
-        receipt_hash=receipt_hash,
-        counts=removed,
-        table_versions=receipt["versions_after"],
-    )
-    if not receipt["ok"]:
-        raise GalleryMatchError(f"erasure {receipt_id} ran but a check FAILED: {checks}; see the receipt")
-    return receipt | {"receipt_sha256": receipt_hash}
-
-
-def _matching(gallery: Gallery, name: str, predicate: str) -> dict[str, list[Any]]:
-    columns = {
-        "images": ["image_id"],
-        "faces": ["face_id", "image_id", "vector"],
-        "image_embeddings": ["embedding_id", "image_id", "vector"],
-        "quarantine": ["quarantine_id", "item_id"],
-        "probes": ["probe_key", "vector"],
-    }[name]
-    empty: dict[str, list[Any]] = {c: [] for c in [*columns, "image_id", "vector"]}
-    if not predicate or gallery.open(name) is None:
-        return empty
-    table = gallery.read(name, columns=columns, where=predicate)
-    return empty | {c: table.column(c).to_pylist() for c in columns}
-
-
-def _block_reingest(gallery: Gallery, image_ids: list[str], receipt_id: str) -> None:
-    if not image_ids:
-        return
-    now = dt.datetime.now(dt.UTC)
-    rows = [{"image_id": i, "receipt_id": receipt_id, "erased_at": now} for i in image_ids]
-    table = gallery.ensure("erased", ERASED)
-    table.merge_insert("image_id").when_not_matched_insert_all().execute(pa.Table.from_pylist(rows, schema=ERASED))
-
-
-def _rewrite_results(
-    settings: Settings, gallery_ids: set[str], image_ids: set[str], probes: set[tuple[str, str]]
-) -> list[str]:
-    """Each affected run is rewritten without the erased rows, staged and swapped in by renames."""
-    rewritten = []
-    for manifest in list_runs(settings.results_dir):
-        table = read_run(Path(manifest["path"]))
-        wl_probes = [p for w, p in probes if w == manifest["watchlist_id"]]
-        drop = pc.or_(
-            pc.is_in(table["gallery_id"], pa.array(sorted(gallery_ids), pa.string())),
-            pc.is_in(table["image_id"], pa.array(sorted(image_ids), pa.string())),
-        )
-        drop = pc.or_(drop, pc.is_in(table["probe_id"], pa.array(wl_probes, pa.string())))
-        if not pc.any(drop).as_py():
+def resume_unfinished(settings: Settings, log: AuditLog) -> list[str]:
+    """Finish erasures a crash interrupted (not those whose check failed: `erase` retries those)."""
+    done = []
+    for plan in _journals(settings.store):
+        if _failed_attempts(settings.store, plan):
             continue
-        kept = table.filter(pc.invert(pc.fill_null(drop, False)))
-        _swap_run(settings, manifest, kept)
-        rewritten.append(manifest["run_id"])
-    return rewritten
+        gallery = Gallery(settings.lance_dir)
+        _run(settings, gallery, log, plan, plan.requested_by, resumed=True)
+        done.append(plan.receipt_id)
+    return done
 
 
-def _swap_run(settings: Settings, manifest: dict[str, Any], kept: pa.Table) -> None:
-    watchlist_id, run_id = manifest["watchlist_id"], manifest["run_id"]
-    final, trash = run_dir(settings.results_dir, watchlist_id, run_id), settings.staging_dir / f"old.{run_id}"
-    settings.staging_dir.mkdir(parents=True, exist_ok=True)
-    final.rename(trash)
-    meta = {k: v for k, v in manifest.items() if k not in ("path", "parts", "rows", "notice")}
-    meta |= {"candidates": kept.num_rows, "rewritten_after_erasure": True}
-    manifest_path(settings.results_dir, watchlist_id, run_id).unlink(missing_ok=True)
-    write_result_set(settings.results_dir, settings.staging_dir, watchlist_id, run_id, kept, meta)
-    shutil.rmtree(trash)
+def _run(settings: Settings, gallery: Gallery, log: AuditLog, plan: Plan, actor: str, resumed: bool) -> dict[str, Any]:
+    _close_original(settings.store, log, plan)
+    with log.action(actor, "erase", receipt_id=plan.receipt_id, resumed=resumed) as op:
+        return _execute(settings, gallery, log, plan, op)
 
 
-def scan_for(root: Path, patterns: list[bytes]) -> list[str]:
-    """Every file under root that contains any of the byte patterns."""
-    hits = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        data = path.read_bytes()
-        if any(pattern in data for pattern in patterns):
-            hits.append(str(path.relative_to(root)))
-    return hits
+def _plan(
+    settings: Settings, gallery: Gallery, selector: Any, requested_by: str, reason: str, op: Outcome
+) -> tuple[Plan, list[np.ndarray]]:
+    found = find_rows(gallery, selector)
+    image_ids = sorted(set(found.image_ids))
+    gallery_ids = sorted(found.keys.get("faces", []) + found.keys.get("image_embeddings", []))
+    runs = affected_runs(settings.store, set(gallery_ids), set(image_ids), found.probes)
+    plan = Plan(
+        receipt_id="erasure-" + uuid.uuid4().hex[:16],
+        selector=selector.ids,
+        requested_by=requested_by,
+        reason_digest=_digest(reason),
+        keys=found.keys,
+        gallery_ids=gallery_ids,
+        image_ids=image_ids,
+        probes=[list(p) for p in sorted(found.probes)],
+        runs=runs,
+        vectors=len(found.vectors),
+    )
+    op.record(receipt_id=plan.receipt_id, counts={t: len(k) for t, k in plan.keys.items()})
+    return plan, found.vectors
 
 
-def _checks(settings: Settings, gallery: Gallery, vectors: list[np.ndarray]) -> list[dict[str, Any]]:
-    hits = scan_for(settings.home, vector_patterns(vectors)) if vectors else []
-    versions = {n: len(t.list_versions()) for n in TABLES if (t := gallery.open(n)) is not None}
-    return [
-        {
-            "check": "byte scan of every file under GALLERYMATCH_HOME for the erased vectors (float32, float16)",
-            "vectors": len(vectors),
-            "files_with_hits": hits,
-            "passed": not hits,
-        },
-        {"check": "no old table versions left", "versions": versions, "passed": all(v == 1 for v in versions.values())},
-    ]
+def _store_plan(store: ObjectStore, plan: Plan, vectors: list[np.ndarray], op: Outcome) -> None:
+    """Vectors first, the plan last: a journal exists once its plan does, and then it is whole."""
+    buffer = io.BytesIO()
+    np.savez(buffer, *[np.asarray(v, np.float32) for v in vectors])
+    store.create(plan.prefix + "vectors.npz", buffer.getvalue())
+    body = asdict(plan) | {"intent_seq": op.intent["seq"]}
+    store.create(plan.prefix + "plan.json", json.dumps(body, sort_keys=True).encode())
 
 
-def _write_receipt(settings: Settings, receipt: dict[str, Any]) -> str:
-    folder = settings.home / "erasure" / "receipts"
-    folder.mkdir(parents=True, exist_ok=True)
+def _execute(settings: Settings, gallery: Gallery, log: AuditLog, plan: Plan, op: Outcome) -> dict[str, Any]:
+    store = settings.store
+    _step(store, plan, "delete-rows", lambda: _delete_rows(gallery, plan))
+    _step(
+        store, plan, "reviews", lambda: {"reviews": delete_reviews(gallery, plan.gallery_ids, _run_probes(plan, store))}
+    )
+    _step(store, plan, "block-reingest", lambda: _block_reingest(gallery, plan))
+    rewritten = _step(store, plan, "rewrite-results", lambda: {"runs": rewrite_runs(store, plan)})
+    _step(store, plan, "purge", lambda: {n: purge(gallery, n) for n in (*TABLES, "reviews", "erased")})
+    if store.read(RECEIPTS + plan.receipt_id + ".json") is None:
+        result = checks(settings, gallery, plan, _vectors(store, plan))
+        if not all(c["passed"] for c in result):
+            attempt = len(_failed_attempts(store, plan)) + 1
+            store.create(f"{plan.prefix}checks-failed-{attempt:03d}.json", json.dumps(result, default=str).encode())
+            op.record(receipt_id=plan.receipt_id, checks=[c["check"] for c in result if not c["passed"]])
+            raise GalleryMatchError(
+                f"erasure {plan.receipt_id} ran but a check FAILED: {_failures(result)}. The plan is kept: "
+                "fix the cause and rerun the same erase to retry; it resumes this plan."
+            )
+        _write_receipt(store, _receipt(gallery, plan, rewritten, result, op))
+    receipt = json.loads(store.read(RECEIPTS + plan.receipt_id + ".json") or b"{}")
+    store.delete(plan.prefix + "vectors.npz")  # the plan must not keep the erased vectors
+    store.create(plan.prefix + "done.json", b"{}")
+    sha = hashlib.sha256(store.read(RECEIPTS + plan.receipt_id + ".json") or b"").hexdigest()
+    op.record(receipt_id=plan.receipt_id, receipt_hash=sha, counts=receipt.get("removed_rows"))
+    return dict(receipt) | {"receipt_sha256": sha}
+
+
+def _step(store: ObjectStore, plan: Plan, name: str, work: Any) -> dict[str, Any]:
+    """Run a step once: its marker says it is done (every step is idempotent, so a crash inside reruns it)."""
+    key = f"{plan.prefix}step-{name}.json"
+    data = store.read(key)
+    if data is not None:
+        return dict(json.loads(data))
+    result = dict(work())
+    store.create(key, json.dumps(result, default=str, sort_keys=True).encode())
+    return result
+
+
+def _delete_rows(gallery: Gallery, plan: Plan) -> dict[str, Any]:
+    for name in TABLES:
+        delete_keys(gallery, name, KEY[name], plan.keys.get(name, []))
+    left = {name: present(gallery, name, KEY[name], plan.keys.get(name, [])) for name in TABLES}
+    if any(left.values()):
+        raise GalleryMatchError(f"rows still present after the delete: {left}; rerun the erase")
+    return {"left": left}
+
+
+def _block_reingest(gallery: Gallery, plan: Plan) -> dict[str, Any]:
+    if plan.image_ids:
+        now = dt.datetime.now(dt.UTC)
+        rows = [{"image_id": i, "receipt_id": plan.receipt_id, "erased_at": now} for i in plan.image_ids]
+        table = gallery.ensure("erased", ERASED)
+        table.merge_insert("image_id").when_not_matched_insert_all().execute(pa.Table.from_pylist(rows, schema=ERASED))
+    return {"blocked": len(plan.image_ids)}
+
+
+def _receipt(
+    gallery: Gallery, plan: Plan, rewritten: dict[str, Any], result: list[dict[str, Any]], op: Outcome
+) -> dict[str, Any]:
+    return {
+        "receipt_id": plan.receipt_id,
+        "erased_at": dt.datetime.now(dt.UTC).isoformat(),
+        "planned_at": plan.planned_at,
+        "requested_by": plan.requested_by,
+        "reason_digest": plan.reason_digest,
+        "removed_rows": {t: len(k) for t, k in plan.keys.items()},
+        "images_blocked_from_reingest": len(plan.image_ids),
+        "result_sets_rewritten": rewritten.get("runs", []),
+        "versions_after": {n: gallery.version(n) for n in TABLES},
+        "checks": result,
+        "ok": True,
+        "audit_head": op.head.as_dict(),
+    }
+
+
+def _write_receipt(store: ObjectStore, receipt: dict[str, Any]) -> None:
     body = json.dumps(receipt, indent=2, sort_keys=True, default=str).encode()
-    (folder / f"{receipt['receipt_id']}.json").write_bytes(body)
-    return hashlib.sha256(body).hexdigest()
+    store.create(RECEIPTS + receipt["receipt_id"] + ".json", body)
+
+
+def _journals(store: ObjectStore) -> list[Plan]:
+    """Unfinished journals (a plan and no done marker), oldest first."""
+    names = set(store.list(JOURNAL))
+    plans = []
+    for name in sorted(n for n in names if n.endswith("/plan.json")):
+        if name.replace("/plan.json", "/done.json") in names:
+            continue
+        body = json.loads(store.read(name) or b"{}")
+        body.pop("intent_seq", None)
+        plans.append(Plan(**body))
+    return sorted(plans, key=lambda p: p.planned_at)
+
+
+def _failed_attempts(store: ObjectStore, plan: Plan) -> list[str]:
+    return [n for n in store.list(plan.prefix) if "/checks-failed-" in n]
+
+
+def _vectors(store: ObjectStore, plan: Plan) -> list[np.ndarray]:
+    data = store.read(plan.prefix + "vectors.npz")
+    if data is None:
+        return []
+    with np.load(io.BytesIO(data)) as archive:
+        return [archive[k] for k in archive.files]
+
+
+def _close_original(store: ObjectStore, log: AuditLog, plan: Plan) -> None:
+    """The interrupted command's intent gets its outcome before the resumed run starts."""
+    body = json.loads(store.read(plan.prefix + "plan.json") or b"{}")
+    for intent, _ in log.open_intents():
+        if intent["seq"] == body.get("intent_seq"):
+            log.close_intent(intent, "interrupted", receipt_id=plan.receipt_id, resumed=True)
+
+
+def _run_probes(plan: Plan, store: ObjectStore) -> list[tuple[str, str]]:
+    """(run_id, probe_id) of every run of a watchlist whose probe is erased."""
+    runs = list_runs(store)
+    return [(m["run_id"], p) for w, p in plan.probes for m in runs if m["watchlist_id"] == w]
+
+
+def _failures(result: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{c['check']}: {c.get('detail', '')}" for c in result if not c["passed"])
+
+
+def _digest(text: str) -> str:
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()

@@ -12,12 +12,18 @@ import numpy as np
 from lance_tables.schemas import FACES, QUARANTINE, image_embeddings_schema, to_arrow
 from lance_tables.sources import require_registered
 from lance_tables.store import Gallery
-from pipelines.audit import AuditLog, table_versions
+from pipelines.audit import table_versions
 from pipelines.embed import embedding_id
 from pipelines.errors import Refused
-from pipelines.importer import ImportBatch, file_digest, open_embeddings, summarise, validate_batch
-from pipelines.locks import holds_writer_lock
-from pipelines.models import FACE_DIM, face_spec, image_spec
+from pipelines.importer import (
+    ImportBatch,
+    check_minor_column,
+    file_digest,
+    open_embeddings,
+    summarise,
+    validate_batch,
+)
+from pipelines.models import FACE_DIM, check_dim, check_model_id, face_spec, image_spec
 from pipelines.settings import Settings
 from pipelines.shards import check_id
 
@@ -25,17 +31,21 @@ Modality = Literal["face", "image"]
 
 
 def expected_dim(gallery: Gallery, model_id: str, modality: Modality, dim: int | None) -> int:
-    """Known models fix the width; otherwise the table's width, otherwise --dim."""
+    """Known models fix the width; otherwise --dim (1..MAX_DIM), otherwise the table's width."""
+    if dim is not None:
+        check_dim(dim)
     if modality == "face":
         known = face_spec(model_id).dim if model_id.startswith("facenet-") else None
+        _agree(model_id, known, dim)
         width = known or dim or FACE_DIM
         if width != FACE_DIM:
             raise Refused(f"the faces table holds {FACE_DIM}-d vectors; {model_id!r} is {width}-d")
         return width
     table = gallery.open("image_embeddings")
     known = image_spec(model_id).dim if "/" in model_id or model_id == "clip-untrained" else None
+    _agree(model_id, known, dim)
     have = table.schema.field("vector").type.list_size if table is not None else None
-    image_width = known or have or dim
+    image_width = known or dim or have
     if image_width is None:
         raise Refused(f"cannot tell the width of {model_id!r} vectors: pass --dim")
     if have is not None and have != image_width:
@@ -43,34 +53,47 @@ def expected_dim(gallery: Gallery, model_id: str, modality: Modality, dim: int |
     return int(image_width)
 
 
-@holds_writer_lock
+def _agree(model_id: str, known: int | None, dim: int | None) -> None:
+    if known is not None and dim is not None and dim != known:
+        raise Refused(f"--dim {dim} disagrees with model {model_id!r}, which gives {known}-d vectors: drop --dim")
+
+
 def run_import(
-    settings: Settings, path: Path, source_id: str, model_id: str, modality: Modality, dim: int | None
+    settings: Settings,
+    path: Path,
+    source_id: str,
+    model_id: str,
+    modality: Modality,
+    dim: int | None,
+    allow_undeclared_minors: bool = False,
 ) -> dict[str, Any]:
-    check_id("model id", model_id.replace("/", "_"))
-    gallery = Gallery(settings.lance_dir)
-    require_registered(gallery, {source_id})
-    handle = open_embeddings(path)
-    width = expected_dim(gallery, model_id, modality, dim)
-    key = file_digest(path)
-    seen: set[str] = set()
-    imported, quarantined, offset = 0, [], 0
-    for batch in handle.iter_batches(batch_size=65536):
-        result = validate_batch(batch, width, seen, key, offset)
-        offset += batch.num_rows
-        _commit(gallery, result, source_id, model_id, modality, width, key)
-        imported += len(result.rows)
-        quarantined += result.quarantine
-    summary = summarise(quarantined, imported, offset)
-    AuditLog(settings.audit_dir).append(
-        settings.actor,
-        "import-embeddings",
-        source_id=source_id,
-        model_id=model_id,
-        inputs_digest=f"sha256:{key}",
-        counts={"rows": offset, "imported": imported, "quarantined": len(quarantined)},
-        table_versions=table_versions(gallery, ("faces", "image_embeddings", "quarantine")),
-    )
+    """Under the writer lease (Lance's merge_insert does not stop two writers inserting the same new keys)."""
+    from jobs.session import writer_session
+
+    check_model_id(model_id)
+    check_id("source id", source_id)
+    with writer_session(settings, "import-embeddings") as log:
+        gallery = Gallery(settings.lance_dir)
+        require_registered(gallery, {source_id})
+        handle = open_embeddings(path)
+        minors = check_minor_column(handle, path, allow_undeclared_minors)
+        width = expected_dim(gallery, model_id, modality, dim)
+        key = file_digest(path)
+        fields = {"source_id": source_id, "model_id": model_id, "inputs_digest": f"sha256:{key}"}
+        with log.action(settings.actor, "import-embeddings", **fields) as op:
+            seen: set[str] = set()
+            imported, quarantined, offset = 0, [], 0
+            for batch in handle.iter_batches(batch_size=65536):
+                result = validate_batch(batch, width, seen, key, offset, minors=minors)
+                offset += batch.num_rows
+                _commit(gallery, result, source_id, model_id, modality, width, key)
+                imported += len(result.rows)
+                quarantined += result.quarantine
+            summary = summarise(quarantined, imported, offset)
+            op.record(
+                counts={"rows": offset, "imported": imported, "quarantined": len(quarantined)},
+                table_versions=table_versions(gallery, ("faces", "image_embeddings", "quarantine")),
+            )
     return summary | {
         "file": str(path),
         "source_id": source_id,

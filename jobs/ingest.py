@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from jobs.session import writer_session
 from lance_tables.erasure import erased_ids
 from lance_tables.ledger import commit_shard, done_keys
 from lance_tables.sources import require_registered
 from lance_tables.store import Gallery
-from pipelines.audit import AuditLog, digest
+from pipelines.audit import digest
 from pipelines.embed import ShardOutput
-from pipelines.locks import holds_writer_lock
 from pipelines.models import ensure_weights, face_spec, image_spec
 from pipelines.settings import Settings
 from pipelines.shards import find_shards, shard_key, shard_sources
@@ -58,7 +58,6 @@ def check_models(task: IngestTask, gallery: Gallery) -> list[str]:
     return notices
 
 
-@holds_writer_lock
 def run_ingest(
     settings: Settings,
     shards_dir: Path,
@@ -73,14 +72,44 @@ def run_ingest(
         from pipelines.engines.ray import start_ray
 
         start_ray(settings.ray_address, settings.ray_num_cpus)
-    gallery = Gallery(settings.lance_dir)
-    task = dataclasses.replace(task, erased=erased_ids(gallery))
-    shards = find_shards(shards_dir)
-    require_registered(gallery, set().union(*(shard_sources(p) for p in shards)))
-    notices = check_models(task, gallery)
-    for notice in notices:
-        print(f"WARNING: {notice}", file=sys.stderr)
-    items, skipped = plan(task, shards, done_keys(gallery))
+    with writer_session(settings, "ingest") as log:
+        gallery = Gallery(settings.lance_dir)
+        task = dataclasses.replace(task, erased=erased_ids(gallery))
+        shards = find_shards(shards_dir)
+        require_registered(gallery, set().union(*(shard_sources(p) for p in shards)))
+        notices = check_models(task, gallery)
+        for notice in notices:
+            print(f"WARNING: {notice}", file=sys.stderr)
+        items, skipped = plan(task, shards, done_keys(gallery))
+        models = [
+            m
+            for m in (task.face_model if task.wants_face else None, task.image_model if task.wants_image else None)
+            if m
+        ]
+        with log.action(
+            settings.actor, "ingest", inputs_digest=digest(sorted(i.shard_key for i in items)), models=models
+        ) as op:
+            summary = _ingest(settings, task, gallery, engine, items, len(shards), skipped, notices, progress)
+            op.record(
+                counts={
+                    k: summary[k] for k in ("shards_processed", "images", "faces", "image_embeddings", "quarantined")
+                },
+                table_versions=summary["table_versions"],
+            )
+    return summary
+
+
+def _ingest(
+    settings: Settings,
+    task: IngestTask,
+    gallery: Gallery,
+    engine: Engine,
+    items: list[WorkItem],
+    shards: int,
+    skipped: int,
+    notices: list[str],
+    progress: bool,
+) -> dict[str, Any]:
     started = time.perf_counter()
     totals: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
@@ -89,16 +118,7 @@ def run_ingest(
         totals.update({k: v for k, v in output.stats.items() if isinstance(v, int)})
         reasons.update(output.stats["quarantined"])
     elapsed = time.perf_counter() - started
-    summary = _summary(task, engine, len(shards), len(items), skipped, totals, reasons, elapsed, notices, gallery)
-    AuditLog(settings.audit_dir).append(
-        settings.actor,
-        "ingest",
-        inputs_digest=digest(sorted(i.shard_key for i in items)),
-        models=[m for m in (summary["face_model"], summary["image_model"]) if m],
-        counts={k: summary[k] for k in ("shards_processed", "images", "faces", "image_embeddings", "quarantined")},
-        table_versions=summary["table_versions"],
-    )
-    return summary
+    return _summary(task, engine, shards, len(items), skipped, totals, reasons, elapsed, notices, gallery)
 
 
 def _outputs(settings: Settings, task: IngestTask, items: list[WorkItem], engine: Engine) -> Iterator[ShardOutput]:

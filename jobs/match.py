@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
+from jobs.session import writer_session
 from lance_tables.store import Gallery, sql_list
 from lance_tables.watchlists import get_watchlist, read_probes
-from pipelines.audit import AuditLog, digest
+from pipelines.audit import digest
 from pipelines.errors import Refused
-from pipelines.locks import holds_writer_lock
 from pipelines.match_unit import MatchUnit
 from pipelines.matcher import TopK, ranked
-from pipelines.results import RESULT_SCHEMA, recover, write_result_set
+from pipelines.results import RESULT_SCHEMA, write_result_set
 from pipelines.settings import Settings
 from pipelines.vocab import CHILD_PROTECTION_PURPOSES
 
@@ -43,7 +42,6 @@ def plan_units(uri: str, version: int, where: str, k: int, block_rows: int, devi
     return [MatchUnit(uri, version, tuple(g), where, k, block_rows, device) for g in groups if g]
 
 
-@holds_writer_lock
 def run_match(
     settings: Settings,
     watchlist_id: str,
@@ -52,18 +50,45 @@ def run_match(
     nprobes: int = 20,
     refine: int = 10,
 ) -> dict[str, Any]:
+    """Audited write-ahead: the search's intent (case, purpose, requester, run id) is recorded before it runs."""
     if engine == "ray":  # start Ray before LanceDB's runtime exists
         from pipelines.engines.ray import start_ray
 
         start_ray(settings.ray_address, settings.ray_num_cpus)
-    recover(settings.results_dir, settings.staging_dir)
-    gallery = Gallery(settings.lance_dir)
-    wl = get_watchlist(gallery, watchlist_id)
-    now = dt.datetime.now(dt.UTC)
-    if wl["status"] != "open":
-        raise Refused(f"watchlist {watchlist_id} is {wl['status']}; closed watchlists are not matched")
-    if wl["expires_at"] <= now:
-        raise Refused(f"watchlist {watchlist_id} expired on {wl['expires_at']:%Y-%m-%d}; it is no longer matched")
+    with writer_session(settings, "match") as log:
+        gallery = Gallery(settings.lance_dir)
+        wl = get_watchlist(gallery, watchlist_id)
+        now = dt.datetime.now(dt.UTC)
+        if wl["status"] != "open":
+            raise Refused(f"watchlist {watchlist_id} is {wl['status']}; closed watchlists are not matched")
+        if wl["expires_at"] <= now:
+            raise Refused(f"watchlist {watchlist_id} expired on {wl['expires_at']:%Y-%m-%d}; it is no longer matched")
+        run_id = f"run-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        fields = {k: wl[k] for k in ("case_id", "purpose", "requested_by", "watchlist_id", "model_id")}
+        with log.action(wl["requested_by"], "match", run_id=run_id, method=method, **fields) as op:
+            result = _match(settings, gallery, wl, run_id, now, engine, method, nprobes, refine, op.head.as_dict())
+            op.record(
+                table_versions={result["gallery_table"]: result["gallery_version"]},
+                inputs_digest=result.pop("inputs_digest"),
+                counts={k: result[k] for k in ("probes", "candidates", "above_threshold")},
+                kernel=result.get("filter_kernel"),
+            )
+            return result
+
+
+def _match(
+    settings: Settings,
+    gallery: Gallery,
+    wl: dict[str, Any],
+    run_id: str,
+    now: dt.datetime,
+    engine: MatchEngine,
+    method: Method,
+    nprobes: int,
+    refine: int,
+    audit_head: dict[str, Any],
+) -> dict[str, Any]:
+    watchlist_id = wl["watchlist_id"]
     probes, vectors = read_probes(gallery, watchlist_id)
     name = "faces" if wl["modality"] == "face" else "image_embeddings"
     table = gallery.open(name)
@@ -86,7 +111,6 @@ def run_match(
             for partial in _partials(settings, engine, units, vectors):
                 top.merge(partial)
         meta = _metadata(uri, version, name, top.all_rowids())
-    run_id = f"run-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     rows = _result_rows(wl, probes, top, meta, run_id, version, now)
     manifest = {
         "run_id": run_id,
@@ -104,24 +128,24 @@ def run_match(
         "probes": len(probes),
         "candidates": rows.num_rows,
         "above_threshold": int(np.sum(rows.column("above_threshold").to_numpy(zero_copy_only=False))),
+        "filter_kernel": _kernel(len(probes), settings.device),
+        "audit_head": audit_head,
     }
     manifest |= extra
-    path = write_result_set(settings.results_dir, settings.staging_dir, watchlist_id, run_id, rows, manifest)
-    AuditLog(settings.audit_dir).append(
-        wl["requested_by"],
-        "match",
-        case_id=wl["case_id"],
-        purpose=wl["purpose"],
-        requested_by=wl["requested_by"],
-        watchlist_id=watchlist_id,
-        run_id=run_id,
-        model_id=wl["model_id"],
-        method=method,
-        inputs_digest=digest([p["probe_id"] for p in probes]),
-        table_versions={name: version},
-        counts={"probes": len(probes), "candidates": rows.num_rows, "above_threshold": manifest["above_threshold"]},
-    )
-    return manifest | {"path": str(path)}
+    path = write_result_set(settings.store, watchlist_id, run_id, rows, manifest)
+    return manifest | {"path": str(path), "inputs_digest": digest([p["probe_id"] for p in probes])}
+
+
+def _kernel(probes: int, device: str) -> str:
+    """The filter kernel the matcher chose on this machine (recorded in the manifest)."""
+    from pipelines import matcher
+
+    choose = getattr(matcher, "choose_filter_kernel", None)
+    if choose is None:
+        return "int8" if device == "cpu" and probes >= matcher.INT8_MIN_PROBES else "float32"
+    from pipelines.models import resolve_device
+
+    return str(choose(probes, resolve_device(device)))
 
 
 def _approximate(
@@ -175,7 +199,7 @@ def _metadata(uri: str, version: int, name: str, rowids: np.ndarray) -> dict[int
     if len(rowids) == 0:
         return {}
     id_col = "face_id" if name == "faces" else "embedding_id"
-    columns = [id_col, "image_id", "source_id", "subject_id"]
+    columns = [id_col, "image_id", "record_id", "source_id", "subject_id"]
     table = lance.dataset(uri, version=version)._take_rows(rowids.tolist(), columns=columns)
     rows = table.to_pylist()
     return {int(r): row | {"gallery_id": row[id_col]} for r, row in zip(rowids.tolist(), rows, strict=True)}
@@ -206,6 +230,7 @@ def _result_rows(
                     "rank": rank,
                     "gallery_id": m["gallery_id"],
                     "image_id": m["image_id"],
+                    "record_id": m["record_id"],
                     "source_id": m["source_id"],
                     "score": np.float32(score),
                     "above_threshold": bool(np.float32(score) >= threshold),
@@ -216,7 +241,3 @@ def _result_rows(
                 }
             )
     return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)
-
-
-def results_root(settings: Settings) -> Path:
-    return settings.results_dir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -11,9 +12,14 @@ from pipelines.settings import Settings
 
 
 def transparency_report(settings: Settings, since: dt.date) -> dict[str, Any]:
-    log = AuditLog(settings.audit_dir)
+    """Counted from completed actions (outcome records); intents with no outcome are listed by the chain check."""
+    from jobs.audit_job import verify_home
+
+    log = AuditLog.of(settings)
     start = dt.datetime.combine(since, dt.time(0), tzinfo=dt.UTC)
-    records = [r for r in log.records() if dt.datetime.fromisoformat(r["time"]) >= start]
+    every = [r for r in log.records() if "time" in r and dt.datetime.fromisoformat(r["time"]) >= start]
+    intents = {r["seq"]: r for r in every if r.get("phase") == "intent"}
+    records = [intents.get(r["intent_seq"], {}) | r for r in every if r.get("phase") == "outcome" and r.get("status") == "ok"]
     by_purpose: Counter[str] = Counter()
     reviews: Counter[str] = Counter()
     units: dict[str, Counter[str]] = defaultdict(Counter)
@@ -30,13 +36,14 @@ def transparency_report(settings: Settings, since: dt.date) -> dict[str, Any]:
             units[unit]["runs"] += 1
             units[unit]["candidates"] += counts.get("candidates", 0)
         elif r["action"] == "review":
-            reviews[r.get("status", "?")] += 1
+            reviews[r.get("decision", "?")] += 1
         elif r["action"] == "erase":
             erasures += 1
             erased_rows += sum(v for v in counts.values() if isinstance(v, int))
     return {
         "since": since.isoformat(),
-        "audit_records": len(records),
+        "audit_records": len(every),
+        "completed_actions": len(records),
         "watchlists_by_purpose": dict(by_purpose),
         "runs": runs,
         "candidates": candidates,
@@ -45,5 +52,6 @@ def transparency_report(settings: Settings, since: dt.date) -> dict[str, Any]:
         "erasures": erasures,
         "erased_rows": erased_rows,
         "per_requesting_unit": {unit: dict(c) for unit, c in sorted(units.items())},
-        "audit_chain": log.verify(),
+        "audit_chain": verify_home(settings),
+        "audit_checkpoint": json.loads(log.checkpoint().to_json()),
     }

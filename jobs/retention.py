@@ -1,70 +1,80 @@
-"""Retention: expire watchlists (their probe vectors go), delete result sets past the retention period."""
+"""Retention: expire watchlists, erase the probe vectors of expired and closed watchlists, delete old result sets.
+
+Every step is idempotent and derives its work from the state, not from a previous step's success: a crash
+anywhere leaves something the next run finishes (probes of a watchlist already marked expired still go).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import shutil
-from pathlib import Path
 from typing import Any
 
+from jobs.session import writer_session
 from lance_tables.erasure import purge
 from lance_tables.schemas import WATCHLISTS, to_arrow
 from lance_tables.store import Gallery, sql_list
 from lance_tables.watchlists import list_watchlists
-from pipelines.audit import AuditLog
-from pipelines.locks import holds_writer_lock
-from pipelines.results import list_runs, manifest_path
+from pipelines.results import delete_run, list_runs
 from pipelines.settings import Settings
 
 
-@holds_writer_lock
 def run_retention(settings: Settings, now: dt.datetime | None = None) -> dict[str, Any]:
-    """Idempotent; `now` exists so the schedule can be tested with a fake clock."""
+    """`now` exists so the schedule can be tested with a fake clock."""
     now = now or dt.datetime.now(dt.UTC)
-    gallery = Gallery(settings.lance_dir)
-    expired = _expire_watchlists(gallery, now)
-    cutoff = now - dt.timedelta(days=settings.results_retention_days)
-    deleted = [
-        _delete_run(settings.results_dir, settings.staging_dir, m)
-        for m in list_runs(settings.results_dir)
-        if dt.datetime.fromisoformat(m["matched_at"]) < cutoff
-    ]
-    summary = {
+    with writer_session(settings, "retention") as log, log.action(settings.actor, "retention") as op:
+        gallery = Gallery(settings.lance_dir)
+        watchlists = list_watchlists(gallery)
+        expired = _expire(gallery, watchlists, now)
+        probes_erased = _erase_probes(gallery, watchlists, now, settings.closed_probe_grace_days)
+        cutoff = now - dt.timedelta(days=settings.results_retention_days)
+        old = [m for m in list_runs(settings.store) if dt.datetime.fromisoformat(m["matched_at"]) < cutoff]
+        for manifest in old:
+            delete_run(settings.store, manifest)
+        deleted = [str(m["run_id"]) for m in old]
+        op.record(
+            counts={
+                "watchlists_expired": len(expired),
+                "probe_sets_erased": len(probes_erased),
+                "result_sets_deleted": len(deleted),
+            },
+            watchlist_ids=expired,
+            run_ids=deleted,
+            table_versions={"probes": gallery.version("probes"), "watchlists": gallery.version("watchlists")},
+        )
+    return {
         "now": now.isoformat(),
         "results_retention_days": settings.results_retention_days,
+        "closed_probe_grace_days": settings.closed_probe_grace_days,
         "watchlists_expired": expired,
+        "probe_vectors_erased_for": probes_erased,
         "result_sets_deleted": deleted,
     }
-    AuditLog(settings.audit_dir).append(
-        settings.actor,
-        "retention",
-        counts={"watchlists_expired": len(expired), "result_sets_deleted": len(deleted)},
-        watchlist_ids=expired,
-        run_ids=deleted,
-        table_versions={"probes": gallery.version("probes")},
-    )
-    return summary
 
 
-def _expire_watchlists(gallery: Gallery, now: dt.datetime) -> list[str]:
-    due = [w for w in list_watchlists(gallery) if w["status"] == "open" and w["expires_at"] <= now]
-    if not due:
-        return []
-    ids = [w["watchlist_id"] for w in due]
+def _expire(gallery: Gallery, watchlists: list[dict[str, Any]], now: dt.datetime) -> list[str]:
+    due = [w for w in watchlists if w["status"] == "open" and w["expires_at"] <= now]
+    if due:
+        rows = [w | {"status": "expired", "closed_at": now, "closed_by": "retention"} for w in due]
+        gallery.upsert("watchlists", to_arrow(rows, WATCHLISTS))
+    return [w["watchlist_id"] for w in due]
+
+
+def probes_due(watchlist: dict[str, Any], now: dt.datetime, grace_days: int) -> bool:
+    """A watchlist's probe vectors go at expiry, or at closing plus the grace period, whichever comes first."""
+    if watchlist["expires_at"] <= now or watchlist["status"] == "expired":
+        return True
+    closed = watchlist["status"] == "closed" and watchlist["closed_at"] is not None
+    return closed and watchlist["closed_at"] + dt.timedelta(days=grace_days) <= now
+
+
+def _erase_probes(gallery: Gallery, watchlists: list[dict[str, Any]], now: dt.datetime, grace_days: int) -> list[str]:
+    ids = [w["watchlist_id"] for w in watchlists if probes_due(w, now, grace_days)]
     table = gallery.open("probes")
-    if table is not None:
-        table.delete(f"watchlist_id IN {sql_list(ids)}")
+    if table is None:
+        return []
+    holding = [i for i in ids if gallery.count("probes", f"watchlist_id IN {sql_list([i])}")]
+    for start in range(0, len(holding), 500):
+        table.delete(f"watchlist_id IN {sql_list(holding[start : start + 500])}")
+    if holding or len(table.list_versions()) > 1:  # also finishes a purge a crash interrupted
         purge(gallery, "probes", delete_unverified=False)  # the probe vectors are physically gone
-    rows = [w | {"status": "expired", "closed_at": now, "closed_by": "retention"} for w in due]
-    gallery.upsert("watchlists", to_arrow(rows, WATCHLISTS))
-    return ids
-
-
-def _delete_run(results_root: Path, staging_root: Path, manifest: dict[str, Any]) -> str:
-    """Move the run out of the results tree in one rename, then delete it and its manifest."""
-    staging_root.mkdir(parents=True, exist_ok=True)
-    trash = staging_root / f"deleting.{manifest['run_id']}"
-    Path(manifest["path"]).rename(trash)
-    shutil.rmtree(trash)
-    manifest_path(results_root, manifest["watchlist_id"], manifest["run_id"]).unlink(missing_ok=True)
-    return str(manifest["run_id"])
+    return holding

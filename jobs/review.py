@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
 
-from lance_tables.reviews import add_review, effective_statuses
+from jobs.session import writer_session
+from lance_tables.erasure import erased_ids
+from lance_tables.reviews import add_review, effective_statuses, normalise_reviewer
 from lance_tables.store import Gallery
-from pipelines.audit import AuditLog
 from pipelines.errors import Refused
 from pipelines.results import read_run, require_run
 from pipelines.settings import Settings
@@ -19,28 +19,27 @@ from pipelines.shards import check_id
 def review_candidate(
     settings: Settings, run_id: str, probe_id: str, rank: int, status: str, reviewer: str
 ) -> dict[str, Any]:
-    check_id("reviewer id", reviewer)
-    manifest = require_run(settings.results_dir, run_id)
-    table = read_run(Path(manifest["path"]))
-    hit = table.filter(pc.and_(pc.equal(table["probe_id"], probe_id), pc.equal(table["rank"], rank)))
-    if hit.num_rows == 0:
-        raise Refused(f"result set {run_id} has no candidate of rank {rank} for probe {probe_id!r}")
-    gallery = Gallery(settings.lance_dir)
-    row = add_review(gallery, hit.to_pylist()[0], status, reviewer)
-    effective = effective_statuses(gallery)[(run_id, probe_id, rank)]
-    AuditLog(settings.audit_dir).append(
-        reviewer,
-        "review",
-        case_id=manifest["case_id"],
-        purpose=manifest.get("purpose"),
-        run_id=run_id,
-        watchlist_id=manifest["watchlist_id"],
-        probe_id=probe_id,
-        rank=rank,
-        status=status,
-        review_status=effective,
-        table_versions={"reviews": gallery.version("reviews")},
-    )
+    """Under the writer lease, so a review never lands on a candidate an erasure is removing."""
+    reviewer = normalise_reviewer(check_id("reviewer id", reviewer))
+    with writer_session(settings, "review") as log:
+        manifest = require_run(settings.store, run_id)
+        table = read_run(settings.store, manifest)
+        hit = table.filter(pc.and_(pc.equal(table["probe_id"], probe_id), pc.equal(table["rank"], rank)))
+        if hit.num_rows == 0:
+            raise Refused(f"result set {run_id} has no candidate of rank {rank} for probe {probe_id!r}")
+        candidate = hit.to_pylist()[0]
+        gallery = Gallery(settings.lance_dir)
+        if candidate["image_id"] and candidate["image_id"] in erased_ids(gallery):
+            raise Refused(f"candidate {candidate['gallery_id']} was erased; it cannot be reviewed")
+        fields = {
+            "case_id": manifest["case_id"],
+            "purpose": manifest.get("purpose"),
+            "watchlist_id": manifest["watchlist_id"],
+        }
+        with log.action(reviewer, "review", run_id=run_id, probe_id=probe_id, rank=rank, decision=status, **fields) as op:
+            row = add_review(gallery, candidate, status, reviewer)
+            effective = effective_statuses(gallery)[(run_id, probe_id, rank)]
+            op.record(review_status=effective, table_versions={"reviews": gallery.version("reviews")})
     return row | {"review_status": effective}
 
 

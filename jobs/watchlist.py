@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobs.session import writer_session
 from lance_tables.store import Gallery, sql_list
 from lance_tables.watchlists import store_watchlist
-from pipelines.audit import AuditLog, digest, table_versions
+from pipelines.audit import digest, table_versions
 from pipelines.decode import DecodeLimits
 from pipelines.errors import Refused
-from pipelines.locks import holds_writer_lock
 from pipelines.models import face_spec, image_spec
 from pipelines.probes import PhotoModels, ProbeModality, probes_from_embeddings, probes_from_photos
 from pipelines.settings import Settings
@@ -74,11 +74,27 @@ def gallery_rows(gallery: Gallery, modality: ProbeModality, model_id: str) -> in
     return gallery.count(table, f"model_id IN {sql_list([model_id])}")
 
 
-@holds_writer_lock
 def submit(settings: Settings, sub: Submission) -> dict[str, Any]:
     now = dt.datetime.now(dt.UTC)
     expires = check_purpose_binding(sub, settings, now)
-    gallery = Gallery(settings.lance_dir)
+    with writer_session(settings, "watchlist.submit") as log:
+        gallery = Gallery(settings.lance_dir)
+        watchlist_id = "wl-" + uuid.uuid4().hex[:16]
+        fields = {"case_id": sub.case_id, "purpose": sub.purpose, "requested_by": sub.requested_by}
+        with log.action(sub.requested_by, "watchlist.submit", watchlist_id=watchlist_id, **fields) as op:
+            record, report = _submit(settings, gallery, sub, watchlist_id, now, expires)
+            op.record(
+                model_id=record["model_id"],
+                inputs_digest=digest([r.get("photo_sha256") or r["probe_id"] for r in report.rows]),
+                counts={"probes": len(report.rows)},
+                table_versions=table_versions(gallery, ("watchlists", "probes")),
+            )
+    return {k: v for k, v in record.items() if k != "weights_digest"} | {"inputs": report.report}
+
+
+def _submit(
+    settings: Settings, gallery: Gallery, sub: Submission, watchlist_id: str, now: dt.datetime, expires: dt.datetime
+) -> tuple[dict[str, Any], Any]:
     model_id = sub.model_id or (settings.face_model if sub.modality == "face" else settings.image_model)
     if sub.probes.is_file() and not sub.model_id:
         raise Refused("probe embeddings need --model-id: the model that made them")
@@ -96,7 +112,7 @@ def submit(settings: Settings, sub: Submission) -> dict[str, Any]:
     if not probes.rows:
         raise Refused(f"no probes could be made from {sub.probes}: {probes.report}")
     record = {
-        "watchlist_id": "wl-" + uuid.uuid4().hex[:16],
+        "watchlist_id": watchlist_id,
         "name": sub.name,
         "case_id": sub.case_id,
         "purpose": sub.purpose,
@@ -115,19 +131,7 @@ def submit(settings: Settings, sub: Submission) -> dict[str, Any]:
         "closed_by": None,
     }
     store_watchlist(gallery, record, probes.rows, probes.vectors)
-    AuditLog(settings.audit_dir).append(
-        sub.requested_by,
-        "watchlist.submit",
-        case_id=sub.case_id,
-        purpose=sub.purpose,
-        requested_by=sub.requested_by,
-        watchlist_id=record["watchlist_id"],
-        model_id=model_id,
-        inputs_digest=digest([r.get("photo_sha256") or r["probe_id"] for r in probes.rows]),
-        counts={"probes": len(probes.rows)},
-        table_versions=table_versions(gallery, ("watchlists", "probes")),
-    )
-    return {k: v for k, v in record.items() if k != "weights_digest"} | {"inputs": probes.report}
+    return record, probes
 
 
 def _check_numbers(top_k: int, threshold: float) -> None:

@@ -109,6 +109,28 @@ def vector_patterns(vectors: list[np.ndarray]) -> list[bytes]:
     return out
 
 
+def present(gallery: Gallery, name: str, column: str, keys: list[str]) -> int:
+    """How many of `keys` the table still holds (0 once a delete step has run)."""
+    if gallery.open(name) is None or not keys:
+        return 0
+    return sum(gallery.count(name, f"{column} IN {sql_list(keys[i : i + BATCH])}") for i in range(0, len(keys), BATCH))
+
+
+def kept_vector_bytes(gallery: Gallery, names: tuple[str, ...], wanted: set[bytes]) -> set[bytes]:
+    """Which of the `wanted` float32 encodings a row still in the tables holds (same bytes, another row)."""
+    found: set[bytes] = set()
+    for name in names:
+        table = gallery.open(name)
+        if table is None or not wanted:
+            continue
+        for batch in table.to_lance().to_batches(columns=["vector"]):
+            for vector in batch.column("vector").to_numpy(zero_copy_only=False):
+                raw = np.asarray(vector, dtype=np.float32).tobytes()
+                if raw in wanted:
+                    found.add(raw)
+    return found
+
+
 def erased_ids(gallery: Gallery) -> frozenset[str]:
     table = gallery.read("erased", columns=["image_id"])
     return frozenset(table.column("image_id").to_pylist()) if table.num_columns else frozenset()

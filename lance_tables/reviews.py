@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from lance_tables.store import Gallery
+from lance_tables.store import Gallery, sql_list
 from pipelines.errors import Refused
 
 REVIEW_INPUTS = ("potential_candidate", "no_candidate", "inconclusive")
@@ -37,6 +37,7 @@ def add_review(gallery: Gallery, candidate: dict[str, Any], status: str, reviewe
             f"--status must be one of {', '.join(REVIEW_INPUTS)}; {CONFIRMED!r} follows from two "
             "different reviewers marking potential_candidate, and there is no 'identified' status"
         )
+    reviewer = normalise_reviewer(reviewer)
     now = dt.datetime.now(dt.UTC)
     key = f"{candidate['run_id']}|{candidate['probe_id']}|{candidate['rank']}|{reviewer}|{now.isoformat()}"
     row = {
@@ -61,9 +62,10 @@ def effective_statuses(gallery: Gallery) -> dict[tuple[str, str, int], str]:
     latest: dict[tuple[str, str, int], dict[str, tuple[dt.datetime, str]]] = defaultdict(dict)
     for r in table.search().limit(None).to_arrow().to_pylist():
         key = (r["run_id"], r["probe_id"], r["rank"])
-        seen = latest[key].get(r["reviewer"])
+        who = normalise_reviewer(r["reviewer"])  # rows written before ids were normalised count once too
+        seen = latest[key].get(who)
         if seen is None or r["reviewed_at"] >= seen[0]:
-            latest[key][r["reviewer"]] = (r["reviewed_at"], r["status"])
+            latest[key][who] = (r["reviewed_at"], r["status"])
     return {key: decide([s for _, s in by.values()]) for key, by in latest.items()}
 
 
@@ -77,3 +79,22 @@ def decide(statuses: list[str]) -> str:
     if len(distinct) == 1:
         return statuses[0]
     return "inconclusive"
+
+
+def normalise_reviewer(reviewer: str) -> str:
+    """One person, one id: case and surrounding whitespace never make a second reviewer."""
+    return reviewer.strip().casefold()
+
+
+def delete_reviews(gallery: Gallery, gallery_ids: list[str], run_probes: list[tuple[str, str]]) -> int:
+    """Erasure: decisions on erased candidates, and on erased probes as (run_id, probe_id) (idempotent)."""
+    table = gallery.open("reviews")
+    if table is None:
+        return 0
+    before = table.count_rows()
+    for start in range(0, len(gallery_ids), 500):
+        table.delete(f"gallery_id IN {sql_list(gallery_ids[start : start + 500])}")
+    for start in range(0, len(run_probes), 100):
+        pairs = run_probes[start : start + 100]
+        table.delete(" OR ".join(f"(run_id IN {sql_list([r])} AND probe_id IN {sql_list([p])})" for r, p in pairs))
+    return int(before - table.count_rows())

@@ -25,7 +25,7 @@ def results(home: str | Path | None = None) -> Any:
     from pipelines.settings import Settings
 
     settings = Settings(home=Path(home)) if home is not None else Settings()
-    frame = scan_results(settings.results_dir)
+    frame = scan_results(settings.store)
     statuses = effective_statuses(Gallery(settings.lance_dir)) if settings.lance_dir.exists() else {}
     if not statuses:
         return frame

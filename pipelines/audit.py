@@ -1,20 +1,45 @@
-"""The audit trail: append-only JSON lines, each record holding the previous record's hash (one chain)."""
+"""The audit trail: one hash-chained object per record, written ahead of every action and anchored by signatures.
+
+- One object per record, created if absent: two writers can never both take sequence n, and reading the
+  head never depends on a record's length. Records are bounded: long values become a count and a digest.
+- Write-ahead: `AuditLog.action` writes an intent before the action and an outcome after it; an action whose
+  intent cannot be written does not run, and an intent without an outcome shows in `verify` and `show`.
+- Anchored: every record is followed by a signed checkpoint (count + head hash) kept beside the signing key,
+  outside the home (the witness); periodic signed checkpoints are kept in the home too. See `verify`.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+import socket
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.errors import GalleryMatchError
+from pipelines.objectstore import LocalStore, ObjectStore
+from pipelines.signing import Checkpoint, Signer, home_tag, load_signer, public_key_hex
+
 GENESIS = "0" * 64
-LOG = "audit.jsonl"
+RECORDS = "audit/records/"
+CHECKPOINTS = "audit/checkpoints/"
+OPEN = "audit/open/"  # one marker per intent still without an outcome: recovery lists these, not the chain
+BUCKET = 10_000  # records per folder: the head is found by listing the last folder only
+MAX_RECORD_BYTES = 16_384
+MAX_STR = 256  # longer strings are kept as their length and digest
+MAX_ITEMS = 32  # longer lists (and larger dicts) are kept as a count and a digest
+CHECKPOINT_EVERY = 64  # signed checkpoints kept in the home (the witness gets one per record)
+WITNESS_KEEP = 4
+
+
+class AuditUnavailable(GalleryMatchError):
+    """The audit trail cannot take a record, so the action was not run (or its outcome was not recorded)."""
 
 
 def canonical(record: dict[str, Any]) -> bytes:
@@ -30,87 +55,215 @@ def digest(value: object) -> str:
     return "sha256:" + hashlib.sha256(canonical({"v": value})).hexdigest()
 
 
-@dataclass(frozen=True)
-class AuditLog:
-    """The chain under `<home>/audit/`; a lock file makes concurrent writers append one after another."""
+def bounded(value: Any) -> Any:
+    """A record value of bounded size: long strings, lists and dicts become a count and a digest."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return value if len(value) <= MAX_STR else {"chars": len(value), "digest": digest(value)}
+    if isinstance(value, set | frozenset):
+        value = sorted(value, key=str)
+    if isinstance(value, list | tuple):
+        return (
+            [bounded(v) for v in value] if len(value) <= MAX_ITEMS else {"count": len(value), "digest": digest(value)}
+        )
+    if isinstance(value, dict):
+        if len(value) > MAX_ITEMS:
+            return {"count": len(value), "digest": digest(value)}
+        return {str(k)[:64]: bounded(v) for k, v in value.items()}
+    return bounded(str(value))
 
-    folder: Path
+
+def record_key(seq: int) -> str:
+    return f"{RECORDS}{seq // BUCKET:08d}/{seq:012d}.json"
+
+
+def key_seq(key: str) -> int:
+    return int(key.rsplit("/", 1)[-1].removesuffix(".json"))
+
+
+@dataclass(frozen=True)
+class Head:
+    """Where the chain ends: the number of records and the last record's hash (handed out in manifests)."""
+
+    seq: int
+    hash: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "hash": self.hash}
+
+
+@dataclass
+class Outcome:
+    """What an action reports when it ends; filled in by the action, written by `AuditLog.action`."""
+
+    intent: dict[str, Any]
+    fields: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def path(self) -> Path:
-        return self.folder / LOG
+    def head(self) -> Head:
+        """The intent's place in the chain: what manifests and receipts hand out."""
+        return Head(int(self.intent["seq"]), str(self.intent["hash"]))
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with (self.folder / "audit.lock").open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def record(self, **fields: Any) -> None:
+        self.fields |= {k: v for k, v in fields.items() if v is not None}
 
+
+@dataclass
+class AuditLog:
+    """The chain of one home; `key_dir` holds the signing key and the witness (outside the home)."""
+
+    store: ObjectStore
+    home: str
+    key_dir: Path
+    lease: str | None = None  # the writer lease held by this process, recorded in its intents
+
+    @classmethod
+    def of(cls, settings: Any) -> AuditLog:
+        from pipelines.locks import current_lease
+
+        return cls(settings.store, settings.home_uri, settings.resolved_audit_key_dir, current_lease(settings.store))
+
+    # -- writing -------------------------------------------------------------------------------------------
     def append(self, actor: str, action: str, **fields: Any) -> dict[str, Any]:
-        """Add one record (opaque ids, digests, versions and counts only) and return it."""
-        with self._locked():
-            last = self._last()
+        """Add one record and return it; raises `AuditUnavailable` when it cannot be written."""
+        body = {k: bounded(v) for k, v in fields.items() if v is not None}
+        signer = self._signer()  # no key, no record: an unanchored record would weaken every later check
+        for _ in range(200):
+            head = self.head()
             record = {
-                "seq": (last["seq"] + 1) if last else 1,
+                "seq": head.seq + 1,
                 "time": dt.datetime.now(dt.UTC).isoformat(),
-                "actor": actor,
+                "actor": bounded(actor),
                 "action": action,
-                **{k: v for k, v in fields.items() if v is not None},
-                "prev_hash": last["hash"] if last else GENESIS,
+                **body,
+                "prev_hash": head.hash,
             }
             record["hash"] = record_hash(record)
-            with self.path.open("ab") as handle:
-                handle.write(canonical(record) + b"\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            return record
+            data = canonical(record)
+            if len(data) > MAX_RECORD_BYTES:
+                raise AuditUnavailable(f"an audit record of {len(data)} bytes is over the {MAX_RECORD_BYTES} cap")
+            if self._create(record_key(record["seq"]), data):
+                self._anchor(signer.sign(self.home, record["seq"], record["hash"]))
+                return record
+            time.sleep(0.005)  # another writer took this sequence number: read the new head and retry
+        raise AuditUnavailable("the audit trail is too busy to take a record; nothing was done, retry")
 
-    def _last(self) -> dict[str, Any] | None:
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return None
-        with self.path.open("rb") as handle:
-            handle.seek(max(0, self.path.stat().st_size - 65536))
-            tail = handle.read().splitlines()
-        return dict(json.loads(tail[-1]))
+    @contextmanager
+    def action(self, actor: str, action: str, **fields: Any) -> Iterator[Outcome]:
+        """Intent before the action (no intent, no action); an outcome after it, ok or failed."""
+        intent = self.append(actor, action, phase="intent", lease=self.lease, **fields)
+        self._mark_open(intent)
+        outcome = Outcome(intent)
+        same = {k: v for k, v in fields.items() if k in ("case_id", "purpose", "requested_by", "watchlist_id")}
+        try:
+            yield outcome
+        except BaseException as exc:
+            error = {"status": "failed", "error": type(exc).__name__, "error_digest": digest(str(exc))}
+            self._close(actor, action, intent, same | outcome.fields | error)
+            raise
+        self._close(actor, action, intent, same | outcome.fields | {"status": "ok"})
+
+    def close_intent(self, intent: dict[str, Any], status: str, **fields: Any) -> dict[str, Any]:
+        """Write the outcome of an intent whose process died (recovery knows what became of it)."""
+        return self._close(str(intent.get("actor")), str(intent["action"]), intent, fields | {"status": status})
+
+    def _close(self, actor: str, action: str, intent: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+        record = self.append(actor, action, phase="outcome", intent_seq=intent["seq"], **fields)
+        self.store.delete(f"{OPEN}{intent['seq']:012d}.json")
+        return record
+
+    def _mark_open(self, intent: dict[str, Any]) -> None:
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "lease": self.lease}
+        self.store.create(f"{OPEN}{intent['seq']:012d}.json", canonical({"intent": intent, "owner": owner}))
+
+    def open_intents(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """(intent, owner) of every action whose outcome is not written yet (cheap: one marker each)."""
+        out = []
+        for key in self.store.list(OPEN):
+            data = _parse_marker(self.store.read(key))
+            if data is not None:
+                out.append(data)
+        return out
+
+    def _create(self, key: str, data: bytes) -> bool:
+        try:
+            return self.store.create(key, data)
+        except GalleryMatchError as exc:
+            raise AuditUnavailable(f"the audit trail cannot be written ({exc}); nothing was done") from exc
+        except OSError as exc:
+            raise AuditUnavailable(f"the audit trail cannot be written ({exc}); nothing was done") from exc
+
+    def _signer(self) -> Signer:
+        try:
+            return load_signer(self.key_dir)
+        except (GalleryMatchError, OSError) as exc:
+            raise AuditUnavailable(f"the audit signing key cannot be used ({exc}); nothing was done") from exc
+
+    def _anchor(self, checkpoint: Checkpoint) -> None:
+        """The signed new head goes to the witness (outside the home) and, periodically, into the home."""
+        try:
+            witness = LocalStore(self.witness_dir)
+            witness.create(f"{checkpoint.count:012d}.json", checkpoint.to_json())
+            for old in witness.list("")[:-WITNESS_KEEP]:
+                witness.delete(old)
+            if checkpoint.count % CHECKPOINT_EVERY == 0:
+                self.store.create(f"{CHECKPOINTS}{checkpoint.count:012d}.json", checkpoint.to_json())
+        except (GalleryMatchError, OSError) as exc:
+            raise AuditUnavailable(f"record {checkpoint.count} was written but not anchored ({exc})") from exc
+
+    def checkpoint(self) -> Checkpoint:
+        """A signed checkpoint of the current head, for a third party to keep."""
+        head = self.head()
+        return self._signer().sign(self.home, head.seq, head.hash)
+
+    # -- reading -------------------------------------------------------------------------------------------
+    @property
+    def witness_dir(self) -> Path:
+        return self.key_dir / "witness" / home_tag(self.home)
+
+    def head(self) -> Head:
+        folders = sorted({k[len(RECORDS) :].split("/", 1)[0] for k in self.store.list(RECORDS)})
+        if not folders:
+            return Head(0, GENESIS)
+        last = self.store.list(f"{RECORDS}{folders[-1]}/")[-1]
+        record = _parse(self.store.read(last))
+        if record is None:
+            raise AuditUnavailable(f"the last audit record ({last}) is unreadable: run `gallerymatch audit verify`")
+        return Head(int(record["seq"]), str(record["hash"]))
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        return [json.loads(line) for line in self.path.read_bytes().splitlines() if line.strip()]
+        """Every record in order; an unreadable one is returned as {"seq": n, "unreadable": True}."""
+        out = []
+        for key in self.store.list(RECORDS):
+            record = _parse(self.store.read(key))
+            out.append(record if record is not None else {"seq": key_seq(key), "unreadable": True})
+        return out
 
-    def verify(self) -> dict[str, Any]:
-        """Recompute the chain; name the first record that does not fit (1-based line number)."""
-        if not self.path.exists():
-            return {"ok": True, "records": 0}
-        prev, expected_seq = GENESIS, 1
-        lines = self.path.read_bytes().splitlines()
-        for number, line in enumerate(lines, start=1):
-            problem = _check_line(line, prev, expected_seq)
-            if problem:
-                return {"ok": False, "records": len(lines), "first_bad_line": number, "problem": problem}
-            record = json.loads(line)
-            prev, expected_seq = record["hash"], record["seq"] + 1
-        return {"ok": True, "records": len(lines), "head": prev}
+    def verify(self, anchors: Iterable[tuple[str, Head]] = (), against: Checkpoint | None = None) -> dict[str, Any]:
+        """Recompute the chain, then hold it against every anchor: signed checkpoints (in the home, the witness
+        outside it, `against` from a third party) and the heads handed out in manifests and receipts."""
+        from pipelines.audit_verify import verify_chain
+
+        return verify_chain(self, list(anchors), against, public_key_hex(self.key_dir))
 
 
-def _check_line(line: bytes, prev: str, expected_seq: int) -> str | None:
+def _parse(data: bytes | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
     try:
-        record = json.loads(line)
+        record = json.loads(data)
     except (ValueError, UnicodeDecodeError):
-        return "not a readable record (altered bytes)"
-    if not isinstance(record, dict) or "hash" not in record:
-        return "not an audit record"
-    if record_hash(record) != record["hash"]:
-        return "its content does not match its hash (altered)"
-    if record.get("prev_hash") != prev:
-        return "its prev_hash does not match the previous record (a record was removed, inserted or reordered)"
-    if record.get("seq") != expected_seq:
-        return f"sequence {record.get('seq')} where {expected_seq} was expected"
-    return None
+        return None
+    return record if isinstance(record, dict) and "seq" in record and "hash" in record else None
+
+
+def _parse_marker(data: bytes | None) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    try:
+        body = json.loads(data) if data is not None else None
+        return (dict(body["intent"]), dict(body["owner"])) if body else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def table_versions(gallery: Any, names: tuple[str, ...]) -> dict[str, int | None]:

@@ -1,21 +1,33 @@
-"""Result sets: one declared schema, hive-partitioned Parquet, staged then renamed (manifest inside)."""
+"""Result sets: one declared schema, hive-partitioned Parquet parts under a unique run prefix, the manifest last.
+
+The commit needs only create-if-absent, read, list and delete (see `pipelines.objectstore`):
+parts are created under `results/watchlist_id=W/run_id=R/`, then the manifest `manifests/watchlist_id=W/
+R.gNNNN.json` is created; a run exists when its manifest does. A rewrite (after an erasure) is generation
+N+1: new parts, then the new manifest, then the old generation's parts and manifest are deleted. Readers
+take each run's highest generation and read only the parts it names; `sweep` (run by writers, under the
+writer lease) deletes what a crash left: parts of a generation with no manifest, and superseded generations.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import time
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.objectstore import ObjectStore
+
 NOTICE = "Candidate list for human review; not an identification."
-PENDING = ".pending"
 PART_ROWS = 500_000
+RESULTS = "results/"
+MANIFESTS = "manifests/"
+_MANIFEST = re.compile(r"^manifests/watchlist_id=([^/]+)/([^/]+?)(?:\.g(\d{4}))?\.json$")
+_PART = re.compile(r"^results/watchlist_id=([^/]+)/run_id=([^/]+)/part-(?:g(\d{4})-)?\d{5}\.parquet$")
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -27,6 +39,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("rank", pa.int32(), nullable=False),
         pa.field("gallery_id", pa.string(), nullable=False),
         pa.field("image_id", pa.string()),
+        pa.field("record_id", pa.string()),  # the importer's id of an imported vector (null for ingested images)
         pa.field("source_id", pa.string(), nullable=False),
         pa.field("score", pa.float32(), nullable=False),
         pa.field("above_threshold", pa.bool_(), nullable=False),
@@ -38,119 +51,144 @@ RESULT_SCHEMA = pa.schema(
 )
 
 
-def run_dir(results_root: Path, watchlist_id: str, run_id: str) -> Path:
-    return results_root / f"watchlist_id={watchlist_id}" / f"run_id={run_id}"
+@dataclass(frozen=True)
+class RunKey:
+    watchlist_id: str
+    run_id: str
 
+    @property
+    def prefix(self) -> str:
+        return f"{RESULTS}watchlist_id={self.watchlist_id}/run_id={self.run_id}/"
 
-def manifests_root(results_root: Path) -> Path:
-    """Beside the results tree, which holds only Parquet (Polars refuses mixed extensions in a scan)."""
-    return results_root.parent / "manifests"
+    def part(self, generation: int, index: int) -> str:
+        return f"{self.prefix}part-g{generation:04d}-{index:05d}.parquet"
 
-
-def manifest_path(results_root: Path, watchlist_id: str, run_id: str) -> Path:
-    return manifests_root(results_root) / f"watchlist_id={watchlist_id}" / f"{run_id}.json"
+    def manifest(self, generation: int) -> str:
+        return f"{MANIFESTS}watchlist_id={self.watchlist_id}/{self.run_id}.g{generation:04d}.json"
 
 
 def write_result_set(
-    results_root: Path, staging_root: Path, watchlist_id: str, run_id: str, table: pa.Table, meta: dict[str, Any]
+    store: ObjectStore, watchlist_id: str, run_id: str, table: pa.Table, meta: dict[str, Any], generation: int = 1
 ) -> Path:
-    """Stage the parts, write the manifest as pending, rename the run into place, then the manifest (last).
-
-    A crash before the rename leaves nothing visible; after it, the run is whole and `recover`
-    completes its manifest. No reader ever sees part of a run.
-    """
+    """Create the parts, then the manifest (the commit). Rerunning a crashed write of the same generation
+    replaces its parts; a generation whose manifest exists is never written again."""
+    key = RunKey(watchlist_id, run_id)
     table = table.cast(RESULT_SCHEMA)
     kv = {k: str(v) for k, v in meta.items()} | {"notice": NOTICE}
-    stage = staging_root / f"{watchlist_id}.{run_id}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
     parts = []
     for index, start in enumerate(range(0, max(table.num_rows, 1), PART_ROWS)):
         part = table.slice(start, PART_ROWS).replace_schema_metadata(kv)
-        path = stage / f"part-{index:05d}.parquet"
-        pq.write_table(part, path)
-        parts.append({"file": path.name, "rows": part.num_rows, "sha256": _digest(path)})
-    final_manifest = manifest_path(results_root, watchlist_id, run_id)
-    pending = final_manifest.with_suffix(PENDING)
-    pending.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(pending, meta | {"notice": NOTICE, "rows": table.num_rows, "parts": parts})
-    final = run_dir(results_root, watchlist_id, run_id)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _fsync_dir(stage)
-    os.rename(stage, final)  # atomic on one filesystem: the run appears whole
-    _fsync_dir(final.parent)
-    os.rename(pending, final_manifest)  # the manifest, last
-    return final
+        data = _parquet_bytes(part)
+        name = key.part(generation, index)
+        if not store.create(name, data):  # left by a crashed attempt of this generation (no manifest yet)
+            store.delete(name)
+            store.create(name, data)
+        parts.append(
+            {"file": name.rsplit("/", 1)[-1], "rows": part.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
+        )
+    body = meta | {"notice": NOTICE, "rows": table.num_rows, "parts": parts, "generation": generation}
+    if not store.create(key.manifest(generation), json.dumps(body, indent=2, sort_keys=True, default=str).encode()):
+        raise RuntimeError(f"result set {run_id} generation {generation} already exists")
+    return Path(store.location(key.prefix))
 
 
-def recover(results_root: Path, staging_root: Path, stale_after_s: float = 3600.0) -> None:
-    """After a crash: roll forward runs already renamed into place; drop stale staging (older than an hour,
-    so a run in progress elsewhere is left alone)."""
-    now = time.time()
-    for pending in manifests_root(results_root).glob(f"watchlist_id=*/*{PENDING}"):
-        watchlist_id = pending.parent.name.removeprefix("watchlist_id=")
-        run_id = pending.name.removesuffix(PENDING)
-        if run_dir(results_root, watchlist_id, run_id).is_dir():
-            os.rename(pending, pending.with_suffix(".json"))
-        elif now - pending.stat().st_mtime > stale_after_s:
-            pending.unlink()
-    for stage in staging_root.glob("*") if staging_root.is_dir() else []:
-        if now - stage.stat().st_mtime > stale_after_s:
-            shutil.rmtree(stage, ignore_errors=True)
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return bytes(sink.getvalue().to_pybytes())
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _manifest_keys(store: ObjectStore) -> dict[RunKey, list[tuple[int, str]]]:
+    found: dict[RunKey, list[tuple[int, str]]] = {}
+    for name in store.list(MANIFESTS):
+        match = _MANIFEST.match(name)
+        if match:
+            found.setdefault(RunKey(match[1], match[2]), []).append((int(match[3] or 0), name))
+    return {k: sorted(v) for k, v in found.items()}
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with path.open("w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def list_runs(results_root: Path) -> list[dict[str, Any]]:
-    """Manifests of every complete run, newest first."""
+def list_runs(store: ObjectStore) -> list[dict[str, Any]]:
+    """Manifests of every complete run (its latest generation), newest first."""
     runs = []
-    for manifest in manifests_root(results_root).glob("watchlist_id=*/*.json"):
-        data = json.loads(manifest.read_text())
-        runs.append(data | {"path": str(run_dir(results_root, data["watchlist_id"], data["run_id"]))})
+    for key, generations in _manifest_keys(store).items():
+        data = store.read(generations[-1][1])
+        if data is None:
+            continue
+        try:
+            manifest = json.loads(data)
+        except ValueError:
+            continue
+        runs.append(manifest | {"path": store.location(key.prefix), "manifest_key": generations[-1][1]})
     return sorted(runs, key=lambda m: (m.get("matched_at", ""), m.get("run_id", "")), reverse=True)
 
 
-def find_run(results_root: Path, run_id: str) -> dict[str, Any] | None:
-    return next((m for m in list_runs(results_root) if m["run_id"] == run_id), None)
+def find_run(store: ObjectStore, run_id: str) -> dict[str, Any] | None:
+    return next((m for m in list_runs(store) if m["run_id"] == run_id), None)
 
 
-def require_run(results_root: Path, run_id: str) -> dict[str, Any]:
+def require_run(store: ObjectStore, run_id: str) -> dict[str, Any]:
     """The manifest of a run, or a refusal that says where to look."""
     from pipelines.errors import Refused
 
-    manifest = find_run(results_root, run_id)
+    manifest = find_run(store, run_id)
     if manifest is None:
         raise Refused(f"no result set {run_id!r}; see `gallerymatch results list`")
     return manifest
 
 
-def read_run(path: Path) -> pa.Table:
-    tables = [pq.read_table(p) for p in sorted(path.glob("part-*.parquet"))]
+def part_keys(manifest: dict[str, Any]) -> list[str]:
+    key = RunKey(manifest["watchlist_id"], manifest["run_id"])
+    return [key.prefix + p["file"] for p in manifest.get("parts", [])]
+
+
+def read_run(store: ObjectStore, manifest: dict[str, Any]) -> pa.Table:
+    """The rows of a run: exactly the parts its manifest names."""
+    tables = []
+    for name in part_keys(manifest):
+        data = store.read(name)
+        if data is None:
+            raise FileNotFoundError(f"part {name} of result set {manifest['run_id']} is missing")
+        tables.append(pq.read_table(pa.BufferReader(data)))
     return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
 
 
-def scan_results(results_root: Path) -> Any:
-    """All result sets as one `polars.LazyFrame` (hive partitions watchlist_id and run_id)."""
+def delete_run(store: ObjectStore, manifest: dict[str, Any]) -> None:
+    """Idempotent: the manifests go first (the run disappears), then every part under its prefix."""
+    key = RunKey(manifest["watchlist_id"], manifest["run_id"])
+    for _, name in _manifest_keys(store).get(key, []):
+        store.delete(name)
+    for name in store.list(key.prefix):
+        store.delete(name)
+
+
+def sweep(store: ObjectStore) -> list[str]:
+    """Delete what crashed writers left: parts no manifest names, and superseded generations (writers only)."""
+    manifests = _manifest_keys(store)
+    removed = []
+    for generations in manifests.values():
+        for _, old in generations[:-1]:
+            store.delete(old)
+            removed.append(old)
+    for name in store.list(RESULTS):
+        match = _PART.match(name)
+        latest = manifests.get(RunKey(match[1], match[2])) if match else None
+        if match and latest is not None and int(match[3] or 0) == latest[-1][0]:
+            continue
+        store.delete(name)
+        removed.append(name)
+    return removed
+
+
+def scan_results(store: ObjectStore) -> Any:
+    """All result sets as one `polars.LazyFrame` (hive partitions watchlist_id and run_id); committed runs only."""
     import polars as pl
 
-    if not any(results_root.glob("watchlist_id=*/run_id=*/part-*.parquet")):
-        empty = pl.DataFrame(pl.from_arrow(RESULT_SCHEMA.empty_table()))
-        return empty.lazy()
-    return pl.scan_parquet(results_root / "**" / "*.parquet", hive_partitioning=True)
+    files = [store.location(name) for m in list_runs(store) for name in part_keys(m)]
+    if not files:
+        return pl.DataFrame(pl.from_arrow(RESULT_SCHEMA.empty_table())).lazy()
+    return pl.scan_parquet(files, hive_partitioning=True)
+
+
+def load_run(store: ObjectStore, run_id: str) -> pa.Table:
+    """The rows of one run, by id."""
+    return read_run(store, require_run(store, run_id))

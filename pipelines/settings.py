@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from pipelines.objectstore import LocalStore
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
@@ -45,6 +48,17 @@ class Settings(BaseSettings):
     default_threshold: float = Field(0.5, ge=-1.0, le=1.0, description="cosine score flagged above_threshold")
     match_block_rows: int = Field(16_384, ge=1, description="gallery vectors per matrix product")
 
+    audit_key_dir: Path | None = Field(
+        None,
+        description="the audit signing key and the witness of each home's chain; must be outside the home "
+        "(default: $XDG_CONFIG_HOME/gallerymatch, else ~/.config/gallerymatch)",
+    )
+    lock_ttl_s: float = Field(120.0, ge=5.0, description="a writer lease not renewed for this long is stale")
+    lock_wait_s: float = Field(900.0, ge=0.0, description="how long a writer waits for another writer to finish")
+    closed_probe_grace_days: int = Field(
+        30, ge=0, le=365, description="a closed watchlist's probe vectors are erased this long after closing"
+    )
+
     actor: str = Field("operator", description="opaque id recorded in the audit trail when a command has no requester")
     results_retention_days: int = Field(365, ge=1, description="result sets older than this are deleted")
     audit_retention_days: int = Field(400, ge=183, description="audit records are kept at least 183 days")
@@ -66,15 +80,28 @@ class Settings(BaseSettings):
 
     @property
     def results_dir(self) -> Path:
+        """Where the result sets' Parquet parts lie (readers go through their manifests: `pipelines.results`)."""
         return self.home / "results"
 
     @property
-    def audit_dir(self) -> Path:
-        return self.home / "audit"
+    def store(self) -> LocalStore:
+        """The home as an object store: the one seam the commit protocols write through."""
+        return LocalStore(self.home.expanduser().resolve())
 
     @property
-    def staging_dir(self) -> Path:
-        return self.home / "staging"
+    def home_uri(self) -> str:
+        return str(self.home.expanduser().resolve())
+
+    @property
+    def resolved_audit_key_dir(self) -> Path:
+        from pipelines.signing import check_key_dir
+
+        if self.audit_key_dir is not None:
+            folder = self.audit_key_dir
+        else:
+            config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+            folder = Path(config) / "gallerymatch"
+        return check_key_dir(folder, self.home)
 
     @property
     def resolved_models_dir(self) -> Path:

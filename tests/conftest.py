@@ -19,7 +19,13 @@ IMAGE = "clip-untrained"
 
 
 def make_settings(home: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {"home": home, "model_downloads": False, "ray_num_cpus": 2} | overrides
+    keys = home.parent / f"{home.name}-audit-keys"  # the signing key lives outside the home it protects
+    values: dict[str, object] = {
+        "home": home,
+        "model_downloads": False,
+        "ray_num_cpus": 2,
+        "audit_key_dir": keys,
+    } | overrides
     return Settings(**values)  # type: ignore[arg-type]
 
 
@@ -44,5 +50,5 @@ def sample_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def sample_shards(sample_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     shards = tmp_path_factory.mktemp("shards")
-    pack_folder(sample_folder, shards, "archive", rows_per_shard=5, max_bytes=50 * 1024 * 1024)
+    pack_folder(sample_folder, shards, "archive", rows_per_shard=5, max_bytes=50 * 1024 * 1024, default_minor=False)
     return shards

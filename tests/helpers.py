@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -44,3 +50,29 @@ def assert_unique_keys(settings: Settings) -> None:
     for name in GALLERY_TABLES:
         keys = [r[KEYS[name]] for r in table_rows(settings, name)]
         assert len(keys) == len(set(keys)), name
+
+
+@contextmanager
+def another_writer(settings: Settings, seconds: float = 60.0) -> Iterator[subprocess.Popen[bytes]]:
+    """Another process holding the home's writer lease until the block ends (it is then killed)."""
+    ready = settings.home.parent / f"writer-ready-{os.getpid()}"
+    code = (
+        "import sys, time, pathlib\n"
+        "from pipelines.locks import writer_lock\n"
+        "from pipelines.objectstore import LocalStore\n"
+        "with writer_lock(LocalStore(pathlib.Path(sys.argv[1])), command='test writer'):\n"
+        "    pathlib.Path(sys.argv[2]).touch()\n"
+        f"    time.sleep({seconds})\n"
+    )
+    settings.home.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(settings.store.root), str(ready)])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the other writer did not start"
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        ready.unlink(missing_ok=True)

@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_settings, register
+from helpers import another_writer
 from test_match import write_embeddings
 
-from jobs.erase import erase, scan_for
+from jobs.erase import erase
+from jobs.erase_steps import scan_for
 from jobs.import_embeddings import run_import
 from jobs.ingest import run_ingest
 from jobs.match import run_match
@@ -22,8 +24,7 @@ from lance_tables.store import Gallery
 from pipelines import samples
 from pipelines.audit import AuditLog
 from pipelines.errors import Refused
-from pipelines.locks import writer_lock
-from pipelines.results import list_runs, read_run
+from pipelines.results import list_runs, load_run
 from pipelines.settings import Settings
 from pipelines.shards import pack_folder
 
@@ -74,23 +75,25 @@ def test_erased_vector_bytes_are_gone_everywhere(tmp_path: Path, index: str | No
     (table_dir / "00ff-crashed-writer.lance").write_bytes(b"junk" + f16 + f32)  # a crashed writer's leftover
     assert scan_for(settings.home, [f32])  # negative control: the scan finds the float32 bytes...
     assert scan_for(settings.home, [f16])  # ...and the float16 bytes, before the erasure
-    runs = list_runs(settings.results_dir)
+    runs = list_runs(settings.store)
     gid = next(
-        r["gallery_id"] for r in read_run(Path(runs[0]["path"])).to_pylist() if r["rank"] == 1 and r["probe_id"] == "p0"
+        r["gallery_id"]
+        for r in load_run(settings.store, runs[0]["run_id"]).to_pylist()
+        if r["rank"] == 1 and r["probe_id"] == "p0"
     )
     receipt = erase(settings, "data subject request 88", "dpo-1", subject_id="subj-target")
     assert receipt["ok"] and receipt["removed_rows"]["image_embeddings"] == 1
     assert scan_for(settings.home, [f32, f16]) == []
     assert all(c["passed"] for c in receipt["checks"])
     assert receipt["result_sets_rewritten"] == [runs[0]["run_id"]]
-    rewritten = read_run(Path(list_runs(settings.results_dir)[0]["path"]))
+    rewritten = load_run(settings.store, runs[0]["run_id"])
     assert gid not in rewritten.column("gallery_id").to_pylist() and rewritten.num_rows == 2 * 3 - 1
     gallery = Gallery(settings.lance_dir)
     assert gallery.count("image_embeddings") == N - 1
     assert all(len(gallery.open(n).list_versions()) == 1 for n in ("image_embeddings", "probes"))
     if index:
         assert gallery.open("image_embeddings").list_indices()  # rebuilt, not lost
-    record = AuditLog(settings.audit_dir).records()[-1]
+    record = AuditLog.of(settings).records()[-1]
     assert record["action"] == "erase" and record["receipt_id"] == receipt["receipt_id"]
     receipt_file = settings.home / "erasure" / "receipts" / f"{receipt['receipt_id']}.json"
     import hashlib
@@ -107,7 +110,7 @@ def test_refused_when_removal_cannot_be_guaranteed(tmp_path: Path) -> None:
         erase(settings, "r", "dpo-1", subject_id="subj-target")
     assert Gallery(settings.lance_dir).count("image_embeddings") == N  # nothing removed
     table.tags.delete("keep-me")
-    with writer_lock(settings.home), pytest.raises(Refused, match="another writer"):  # another writer runs
+    with another_writer(settings), pytest.raises(Refused, match="another writer"):  # another writer runs
         erase(settings, "r", "dpo-1", subject_id="subj-target")
     assert Gallery(settings.lance_dir).count("image_embeddings") == N
     with pytest.raises(Refused, match="exactly one"):
@@ -121,7 +124,7 @@ def test_an_erased_image_is_never_ingested_again(tmp_path: Path) -> None:
     folder.mkdir()
     data = samples.encode(samples.astronaut(), "JPEG", quality=90)
     (folder / "a.jpg").write_bytes(data)
-    pack_folder(folder, tmp_path / "s1", "archive", 10, 10**8)
+    pack_folder(folder, tmp_path / "s1", "archive", 10, 10**8, default_minor=False)
     run_ingest(settings, tmp_path / "s1", modality="face", face_model="facenet-untrained", progress=False)
     import hashlib
 
@@ -131,7 +134,9 @@ def test_an_erased_image_is_never_ingested_again(tmp_path: Path) -> None:
     assert receipt["removed_rows"]["faces"] == 1 and receipt["removed_rows"]["images"] == 1
     assert scan_for(settings.home, vector_patterns([vector])) == []
     (folder / "b.jpg").write_bytes(samples.encode(samples.composite(2), "JPEG"))
-    pack_folder(folder, tmp_path / "s2", "archive", 10, 10**8)  # the same photo again, in a new shard
+    pack_folder(
+        folder, tmp_path / "s2", "archive", 10, 10**8, default_minor=False
+    )  # the same photo again, in a new shard
     summary = run_ingest(settings, tmp_path / "s2", modality="face", face_model="facenet-untrained", progress=False)
     assert summary["quarantine_reasons"] == {"ERASED": 1}
     assert image_id not in Gallery(settings.lance_dir).read("faces").column("image_id").to_pylist()
@@ -141,7 +146,10 @@ def test_erase_cli(tmp_path: Path) -> None:
     settings, _, _ = build(tmp_path, None)
     import os
 
-    env = os.environ | {"GALLERYMATCH_HOME": str(settings.home)}
+    env = os.environ | {
+        "GALLERYMATCH_HOME": str(settings.home),
+        "GALLERYMATCH_AUDIT_KEY_DIR": str(settings.audit_key_dir),
+    }
     script = Path(sys.executable).parent / "gallerymatch"
     done = subprocess.run(
         [

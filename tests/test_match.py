@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -13,13 +14,14 @@ from conftest import make_settings, register
 
 from jobs.import_embeddings import run_import
 from jobs.match import run_match
+from jobs.retention import run_retention
 from jobs.watchlist import Submission, submit
 from lance_tables.store import Gallery
 from lance_tables.watchlists import close_watchlist
-from pipelines import results as results_mod
+from pipelines.audit import AuditLog
 from pipelines.embed import embedding_id
 from pipelines.errors import Refused
-from pipelines.results import NOTICE, RESULT_SCHEMA, list_runs, read_run, scan_results
+from pipelines.results import NOTICE, RESULT_SCHEMA, list_runs, load_run, scan_results
 from pipelines.settings import Settings
 
 DIM = 16
@@ -34,8 +36,8 @@ def write_embeddings(
     path: Path, ids: list[str], vectors: np.ndarray, id_column: str = "record_id", minors: list[bool] | None = None
 ) -> Path:
     columns = {id_column: ids, "embedding": [list(v) for v in vectors]}
-    if minors is not None:
-        columns["minor"] = minors
+    if id_column == "record_id":  # gallery files declare minors (undeclared ones are refused: fail closed)
+        columns["minor"] = minors if minors is not None else [False] * len(ids)
     pq.write_table(pa.table(columns), path)
     return path
 
@@ -82,8 +84,8 @@ def watch(settings: Settings, tmp_path: Path, probes: np.ndarray, model: str = "
     return str(submit(settings, sub)["watchlist_id"])
 
 
-def result_pairs(path: str) -> dict[str, list[tuple[float, str]]]:
-    table = read_run(Path(path)).to_pylist()
+def result_pairs(settings: Settings, run: dict[str, Any]) -> dict[str, list[tuple[float, str]]]:
+    table = load_run(settings.store, run["run_id"]).to_pylist()
     out: dict[str, list[tuple[float, str]]] = {}
     for row in sorted(table, key=lambda r: (r["probe_id"], r["rank"])):
         out.setdefault(row["probe_id"], []).append((row["score"], row["gallery_id"]))
@@ -95,7 +97,7 @@ def test_exact_top_k_equals_brute_force(gallery, tmp_path: Path, k: int) -> None
     settings, vectors, ids = gallery
     probes = np.vstack([sign_vectors(5, 9), vectors["model-a"][3:4], -vectors["model-a"][3:4]])
     run = run_match(settings, watch(settings, tmp_path, probes, top_k=k))
-    got = result_pairs(run["path"])
+    got = result_pairs(settings, run)
     expected = brute_force(probes, vectors["model-a"], ids["model-a"], k)
     assert len(got) == len(probes)
     for i, exp in enumerate(expected):
@@ -109,7 +111,7 @@ def test_exact_top_k_equals_brute_force(gallery, tmp_path: Path, k: int) -> None
 def test_models_are_never_mixed(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     settings, vectors, ids = gallery
     run = run_match(settings, watch(settings, tmp_path, vectors["model-b"][:3], model="model-b", top_k=60))
-    table = read_run(Path(run["path"]))
+    table = load_run(settings.store, run["run_id"])
     assert set(table.column("gallery_id").to_pylist()) == set(ids["model-b"])
     assert set(table.column("model_id").to_pylist()) == {"model-b"}
 
@@ -118,7 +120,7 @@ def test_threshold_edges(gallery, tmp_path: Path) -> None:  # type: ignore[no-un
     settings, vectors, _ = gallery
     probe = vectors["model-a"][3:4]
     run = run_match(settings, watch(settings, tmp_path, probe, top_k=60, threshold=0.5))
-    table = read_run(Path(run["path"])).to_pylist()
+    table = load_run(settings.store, run["run_id"]).to_pylist()
     assert any(r["score"] == 0.5 for r in table)  # a score exactly on the threshold...
     for row in table:
         assert row["above_threshold"] == (row["score"] >= 0.5)  # ...is flagged (at or above)
@@ -128,9 +130,9 @@ def test_threshold_edges(gallery, tmp_path: Path) -> None:  # type: ignore[no-un
 def test_local_and_ray_give_identical_result_sets(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     settings, vectors, _ = gallery
     wid = watch(settings, tmp_path, np.vstack([sign_vectors(4, 5), vectors["model-a"][:2]]), top_k=9)
-    local = read_run(Path(run_match(settings, wid, "local")["path"]))
-    ray = read_run(Path(run_match(settings, wid, "ray")["path"]))
-    again = read_run(Path(run_match(settings, wid, "local")["path"]))
+    local = load_run(settings.store, run_match(settings, wid, "local")["run_id"])
+    ray = load_run(settings.store, run_match(settings, wid, "ray")["run_id"])
+    again = load_run(settings.store, run_match(settings, wid, "local")["run_id"])
     stable = [c for c in RESULT_SCHEMA.names if c not in ("run_id", "matched_at")]
     assert local.select(stable).equals(ray.select(stable))
     assert local.select(stable).equals(again.select(stable))  # a rerun gives identical rows
@@ -151,10 +153,10 @@ def test_result_set_contract(gallery, tmp_path: Path) -> None:  # type: ignore[n
     root = settings.results_dir
     frame = pl.scan_parquet(root, hive_partitioning=True).collect()
     assert frame.height == 6 and set(frame["rank"].to_list()) == {1, 2, 3}
-    assert scan_results(root).filter(pl.col("rank") == 1).collect().height == 2
+    assert scan_results(settings.store).filter(pl.col("rank") == 1).collect().height == 2
     count = duckdb.sql(f"select count(*) from read_parquet('{root}/**/*.parquet', hive_partitioning=true)")
     assert count.fetchall() == [(6,)]
-    assert [r["run_id"] for r in list_runs(root)] == [run["run_id"]]
+    assert [r["run_id"] for r in list_runs(settings.store)] == [run["run_id"]]
 
 
 def test_no_candidates_is_a_valid_empty_result_set(tmp_path: Path) -> None:
@@ -171,13 +173,13 @@ def test_no_candidates_is_a_valid_empty_result_set(tmp_path: Path) -> None:
     )
     run = run_match(settings, watch(settings, tmp_path, vecs[:2], purpose="fraud-investigation"))
     assert run["candidates"] == 0
-    table = read_run(Path(run["path"]))
+    table = load_run(settings.store, run["run_id"])
     assert table.num_rows == 0 and table.schema.remove_metadata().equals(RESULT_SCHEMA)
     child = run_match(settings, watch(settings, tmp_path, vecs[:2], purpose="child-safeguarding"))
     assert child["candidates"] == 2 * 5  # minors appear only for a child-protection purpose
 
 
-def test_crash_before_the_rename_leaves_nothing_visible(
+def test_a_crash_before_the_manifest_leaves_no_run_and_is_swept(
     gallery,
     tmp_path: Path,  # type: ignore[no-untyped-def]
     monkeypatch: pytest.MonkeyPatch,
@@ -186,44 +188,56 @@ def test_crash_before_the_rename_leaves_nothing_visible(
 
     settings, vectors, _ = gallery
     wid = watch(settings, tmp_path, vectors["model-a"][:2], top_k=3)
+    real_create = type(settings.store).create
 
-    def crash(*_: object) -> None:
-        raise OSError("disk full while writing the manifest")
+    def crash(store: object, key: str, data: bytes) -> bool:
+        if key.startswith("manifests/"):
+            raise OSError("killed between the parts and the manifest")
+        return real_create(store, key, data)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(results_mod, "_write_json", crash)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(type(settings.store), "create", crash)
+    with pytest.raises(OSError, match="killed"):
         run_match(settings, wid)
-    assert any(settings.staging_dir.rglob("part-*.parquet"))  # the parts were written...
-    assert list_runs(settings.results_dir) == []  # ...but no run is visible, to the API or to a raw scan
-    assert not any(settings.results_dir.rglob("*.parquet"))
-    assert scan_results(settings.results_dir).collect().height == 0
-    assert isinstance(scan_results(settings.results_dir), pl.LazyFrame)
-    results_mod.recover(settings.results_dir, settings.staging_dir, stale_after_s=0)
-    assert not any(settings.staging_dir.iterdir())
+    monkeypatch.undo()
+    assert any(settings.results_dir.rglob("part-*.parquet"))  # the parts were written...
+    assert list_runs(settings.store) == []  # ...but no run exists for the API
+    assert scan_results(settings.store).collect().height == 0
+    assert isinstance(scan_results(settings.store), pl.LazyFrame)
+    (intent,) = [r for r in AuditLog.of(settings).records() if r.get("phase") == "intent" and r["action"] == "match"]
+    run = run_match(settings, wid)  # the next writer sweeps the orphans and closes the dead search's record
+    assert [p.parent.name for p in settings.results_dir.rglob("part-*.parquet")] == [f"run_id={run['run_id']}"]
+    outcomes = [r for r in AuditLog.of(settings).records() if r.get("intent_seq") == intent["seq"]]
+    assert [o["status"] for o in outcomes] == ["failed"]
 
 
-def test_crash_after_the_rename_is_rolled_forward(
+def test_a_match_killed_after_its_manifest_is_audited_as_done(
     gallery,
     tmp_path: Path,  # type: ignore[no-untyped-def]
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings, vectors, _ = gallery
     wid = watch(settings, tmp_path, vectors["model-a"][:2], top_k=3)
-    real_rename = results_mod.os.rename
+    real_close = AuditLog._close
 
-    def rename(src: object, dst: object) -> None:
-        if str(src).endswith(results_mod.PENDING):
-            raise OSError("killed between the parts and the manifest")
-        real_rename(src, dst)  # type: ignore[arg-type]
+    def die(self: AuditLog, actor: str, action: str, intent: dict[str, Any], fields: dict[str, Any]) -> Any:
+        if action == "match":
+            raise KeyboardInterrupt  # stands for SIGKILL: no outcome is written
+        return real_close(self, actor, action, intent, fields)
 
-    monkeypatch.setattr(results_mod.os, "rename", rename)
-    with pytest.raises(OSError, match="killed"):
+    monkeypatch.setattr(AuditLog, "_close", die)
+    with pytest.raises(KeyboardInterrupt):
         run_match(settings, wid)
     monkeypatch.undo()
-    assert list_runs(settings.results_dir) == []
-    results_mod.recover(settings.results_dir, settings.staging_dir)
-    (run,) = list_runs(settings.results_dir)
-    assert read_run(Path(run["path"])).num_rows == run["rows"] == 6
+    (run,) = list_runs(settings.store)  # the search was made and its run committed
+    assert AuditLog.of(settings).verify()["incomplete_actions"][0]["run_id"] == run["run_id"]
+    run_retention(settings)  # any later writer closes the record: the search is audited as done
+    match_records = [r for r in AuditLog.of(settings).records() if r["action"] == "match"]
+    assert [(r["phase"], r.get("status"), r.get("recovered")) for r in match_records] == [
+        ("intent", None, None),
+        ("outcome", "ok", True),
+    ]
+    assert AuditLog.of(settings).verify()["incomplete_actions"] == []
+    assert load_run(settings.store, run["run_id"]).num_rows == run["rows"] == 6
 
 
 def test_refusals_store_nothing(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -294,7 +308,7 @@ def test_ivf_pq_reports_its_recall_against_exact(tmp_path: Path) -> None:
     approx = run_match(settings, wid, method="ivf_pq", nprobes=10, refine=5)
     exact = run_match(settings, wid)
     assert approx["method"] == "ivf_pq" and approx["recall_sample_probes"] == 20
-    a, e = result_pairs(approx["path"]), result_pairs(exact["path"])
+    a, e = result_pairs(settings, approx), result_pairs(settings, exact)
     sample = sorted(e)[:20]
     hits = sum(len({g for _, g in a[p]} & {g for _, g in e[p]}) for p in sample)
     assert approx["recall_at_k_sample"] == pytest.approx(hits / (20 * 5), abs=1e-4)
