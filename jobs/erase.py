@@ -25,6 +25,7 @@ from lance_tables.reviews import delete_reviews
 from lance_tables.store import Gallery
 from pipelines.audit import AuditLog, Outcome
 from pipelines.errors import GalleryMatchError, Refused
+from pipelines.faults import crash_point
 from pipelines.objectstore import ObjectStore
 from pipelines.results import list_runs
 from pipelines.settings import Settings
@@ -137,7 +138,9 @@ def _store_plan(store: ObjectStore, plan: Plan, vectors: list[np.ndarray], op: O
     np.savez(buffer, *[np.asarray(v, np.float32) for v in vectors])
     store.create(plan.prefix + "vectors.npz", buffer.getvalue())
     body = asdict(plan) | {"intent_seq": op.intent["seq"]}
+    crash_point("erase:before-plan")
     store.create(plan.prefix + "plan.json", json.dumps(body, sort_keys=True).encode())
+    crash_point("erase:after-plan")
 
 
 def _execute(settings: Settings, gallery: Gallery, log: AuditLog, plan: Plan, op: Outcome) -> dict[str, Any]:
@@ -160,8 +163,10 @@ def _execute(settings: Settings, gallery: Gallery, log: AuditLog, plan: Plan, op
                 "fix the cause and rerun the same erase to retry; it resumes this plan."
             )
         _write_receipt(store, _receipt(gallery, plan, rewritten, result, op))
+        crash_point("erase:after-receipt")
     receipt = json.loads(store.read(RECEIPTS + plan.receipt_id + ".json") or b"{}")
     store.delete(plan.prefix + "vectors.npz")  # the plan must not keep the erased vectors
+    crash_point("erase:before-done")
     store.create(plan.prefix + "done.json", b"{}")
     sha = hashlib.sha256(store.read(RECEIPTS + plan.receipt_id + ".json") or b"").hexdigest()
     op.record(receipt_id=plan.receipt_id, receipt_hash=sha, counts=receipt.get("removed_rows"))
@@ -174,7 +179,9 @@ def _step(store: ObjectStore, plan: Plan, name: str, work: Any) -> dict[str, Any
     data = store.read(key)
     if data is not None:
         return dict(json.loads(data))
+    crash_point(f"erase:before-{name}")
     result = dict(work())
+    crash_point(f"erase:inside-{name}")  # the work is done, its marker not yet written
     store.create(key, json.dumps(result, default=str, sort_keys=True).encode())
     return result
 
@@ -182,6 +189,7 @@ def _step(store: ObjectStore, plan: Plan, name: str, work: Any) -> dict[str, Any
 def _delete_rows(gallery: Gallery, plan: Plan) -> dict[str, Any]:
     for name in TABLES:
         delete_keys(gallery, name, KEY[name], plan.keys.get(name, []))
+        crash_point(f"erase:deleted-{name}")
     left = {name: present(gallery, name, KEY[name], plan.keys.get(name, [])) for name in TABLES}
     if any(left.values()):
         raise GalleryMatchError(f"rows still present after the delete: {left}; rerun the erase")

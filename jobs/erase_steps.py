@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from lance_tables.erasure import kept_vector_bytes, present, vector_patterns
 from lance_tables.store import Gallery, sql_list
 from pipelines.errors import Refused
+from pipelines.faults import crash_point
 from pipelines.objectstore import ObjectStore
 from pipelines.results import list_runs, read_run, sweep, write_result_set
 from pipelines.shards import check_id
@@ -135,6 +136,7 @@ def rewrite_runs(store: ObjectStore, plan: Plan) -> list[str]:
         meta |= {"candidates": kept.num_rows, "rewritten_after_erasure": plan.receipt_id}
         generation = int(manifest.get("generation", 0)) + 1
         write_result_set(store, manifest["watchlist_id"], manifest["run_id"], kept, meta, generation)
+        crash_point("erase:after-new-generation")  # both generations exist; the old one still names the person
         rewritten.append(str(manifest["run_id"]))
     sweep(store)  # the superseded generations' parts and manifests go now
     return sorted(set(rewritten) | set(plan.runs))

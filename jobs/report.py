@@ -19,7 +19,8 @@ def transparency_report(settings: Settings, since: dt.date) -> dict[str, Any]:
     start = dt.datetime.combine(since, dt.time(0), tzinfo=dt.UTC)
     every = [r for r in log.records() if "time" in r and dt.datetime.fromisoformat(r["time"]) >= start]
     intents = {r["seq"]: r for r in every if r.get("phase") == "intent"}
-    records = [intents.get(r["intent_seq"], {}) | r for r in every if r.get("phase") == "outcome" and r.get("status") == "ok"]
+    done = [r for r in every if r.get("phase") == "outcome" and r.get("status") == "ok"]
+    records = [intents.get(r["intent_seq"], {}) | r for r in done]
     by_purpose: Counter[str] = Counter()
     reviews: Counter[str] = Counter()
     units: dict[str, Counter[str]] = defaultdict(Counter)

@@ -14,6 +14,7 @@ from lance_tables.erasure import purge
 from lance_tables.schemas import WATCHLISTS, to_arrow
 from lance_tables.store import Gallery, sql_list
 from lance_tables.watchlists import list_watchlists
+from pipelines.faults import crash_point
 from pipelines.results import delete_run, list_runs
 from pipelines.settings import Settings
 
@@ -25,11 +26,13 @@ def run_retention(settings: Settings, now: dt.datetime | None = None) -> dict[st
         gallery = Gallery(settings.lance_dir)
         watchlists = list_watchlists(gallery)
         expired = _expire(gallery, watchlists, now)
+        crash_point("retention:after-expire")
         probes_erased = _erase_probes(gallery, watchlists, now, settings.closed_probe_grace_days)
         cutoff = now - dt.timedelta(days=settings.results_retention_days)
         old = [m for m in list_runs(settings.store) if dt.datetime.fromisoformat(m["matched_at"]) < cutoff]
         for manifest in old:
             delete_run(settings.store, manifest)
+            crash_point("retention:after-run-delete")
         deleted = [str(m["run_id"]) for m in old]
         op.record(
             counts={
@@ -75,6 +78,7 @@ def _erase_probes(gallery: Gallery, watchlists: list[dict[str, Any]], now: dt.da
     holding = [i for i in ids if gallery.count("probes", f"watchlist_id IN {sql_list([i])}")]
     for start in range(0, len(holding), 500):
         table.delete(f"watchlist_id IN {sql_list(holding[start : start + 500])}")
+    crash_point("retention:after-probe-delete")
     if holding or len(table.list_versions()) > 1:  # also finishes a purge a crash interrupted
         purge(gallery, "probes", delete_unverified=False)  # the probe vectors are physically gone
     return holding

@@ -36,7 +36,8 @@ def review_candidate(
             "purpose": manifest.get("purpose"),
             "watchlist_id": manifest["watchlist_id"],
         }
-        with log.action(reviewer, "review", run_id=run_id, probe_id=probe_id, rank=rank, decision=status, **fields) as op:
+        fields |= {"run_id": run_id, "probe_id": probe_id, "rank": rank, "decision": status}
+        with log.action(reviewer, "review", **fields) as op:
             row = add_review(gallery, candidate, status, reviewer)
             effective = effective_statuses(gallery)[(run_id, probe_id, rank)]
             op.record(review_status=effective, table_versions={"reviews": gallery.version("reviews")})

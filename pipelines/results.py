@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.faults import crash_point
 from pipelines.objectstore import ObjectStore
 
 NOTICE = "Candidate list for human review; not an identification."
@@ -86,6 +87,7 @@ def write_result_set(
         parts.append(
             {"file": name.rsplit("/", 1)[-1], "rows": part.num_rows, "sha256": hashlib.sha256(data).hexdigest()}
         )
+    crash_point("results:before-manifest")
     body = meta | {"notice": NOTICE, "rows": table.num_rows, "parts": parts, "generation": generation}
     if not store.create(key.manifest(generation), json.dumps(body, indent=2, sort_keys=True, default=str).encode()):
         raise RuntimeError(f"result set {run_id} generation {generation} already exists")
@@ -157,6 +159,7 @@ def delete_run(store: ObjectStore, manifest: dict[str, Any]) -> None:
     key = RunKey(manifest["watchlist_id"], manifest["run_id"])
     for _, name in _manifest_keys(store).get(key, []):
         store.delete(name)
+    crash_point("results:delete-between-manifest-and-parts")
     for name in store.list(key.prefix):
         store.delete(name)
 
