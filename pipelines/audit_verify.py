@@ -69,14 +69,14 @@ def verify_chain(
     for name, checkpoint in signed:
         chain.problems += _signature_problems(name, checkpoint, public_key, log.home)
     anchors = anchors + [(name, Head(c.count, c.head_hash)) for name, c in signed if c.count >= 0]
-    for name, head in anchors:
-        chain.problems += _anchor_problems(name, head, chain)
+    for name, anchor in anchors:
+        chain.problems += _anchor_problems(name, anchor, chain)
     incomplete = _incomplete(chain.records)
-    head = max(chain.hashes) if chain.hashes else 0
+    last = max(chain.hashes) if chain.hashes else 0
     return {
         "ok": not chain.problems,
         "records": chain.total,
-        "head": {"seq": head, "hash": chain.hashes.get(head)},
+        "head": {"seq": last, "hash": chain.hashes.get(last)},
         "problems": chain.problems,
         "first_bad_record": chain.first_bad,
         "anchors_checked": len(anchors),

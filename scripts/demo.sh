@@ -8,6 +8,8 @@ export RAY_ENABLE_UV_RUN_RUNTIME_ENV=0
 GM=.venv/bin/gallerymatch
 PY=.venv/bin/python
 DATA="${DEMO_DATA:-$PWD/demo-data}"
+# The audit signing key and its witness live outside the home they protect (`make clean` removes both).
+export GALLERYMATCH_AUDIT_KEY_DIR="${GALLERYMATCH_AUDIT_KEY_DIR:-$DATA/audit-keys}"
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -32,8 +34,8 @@ $GM sources add demo-archive --channel operator-owned \
   --legal-basis "demo: public-domain images held by the operator" --terms "public domain (NASA, scikit-image)"
 $GM sources add scraped --channel web-scrape --legal-basis none --terms none || echo "(refused, as it must be)"
 
-step "4. pack the folder into Parquet image shards"
-$GM pack "$DATA/images" "$DATA/shards" --source demo-archive --rows-per-shard 6
+step "4. pack the folder into Parquet image shards (the operator states that no image shows a minor)"
+$GM pack "$DATA/images" "$DATA/shards" --source demo-archive --rows-per-shard 6 --minor-default false
 
 step "5. ingest on a local Ray (rerun it: finished shards are skipped)"
 $GM ingest "$DATA/shards" --engine ray --face-model "$FACE_MODEL" --image-model "$IMAGE_MODEL"
@@ -58,7 +60,9 @@ $GM results list
 step "9. what a data team sees: all result sets as one Polars LazyFrame"
 $PY scripts/demo_summary.py
 
-step "10. who searched for what and why: the hash-chained audit trail"
+step "10. who searched for what and why: the audit trail (intent before, outcome after), signed and verified"
 $GM audit show --case-id DEMO-CASE-1
-$GM audit verify
+CHECKPOINT="$DATA/checkpoints/demo-$(date -u +%Y%m%dT%H%M%S)-$$.json"
+$GM audit checkpoint --to "$CHECKPOINT"
+$GM audit verify --against "$CHECKPOINT"
 printf '\nEverything lives under %s. Rerun `make demo`: finished shards are skipped.\n' "$GALLERYMATCH_HOME"
