@@ -37,6 +37,7 @@ COMMANDS = [
     ["audit"],
     ["audit", "verify"],
     ["audit", "show"],
+    ["audit", "checkpoint"],
     ["retention"],
     ["retention", "run"],
     ["review"],
@@ -46,7 +47,11 @@ COMMANDS = [
 
 
 def gm(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"GALLERYMATCH_HOME": str(home), "GALLERYMATCH_MODEL_DOWNLOADS": "0"}
+    env = os.environ | {
+        "GALLERYMATCH_HOME": str(home),
+        "GALLERYMATCH_MODEL_DOWNLOADS": "0",
+        "GALLERYMATCH_AUDIT_KEY_DIR": str(home.parent / f"{home.name}-audit-keys"),
+    }
     script = Path(sys.executable).parent / "gallerymatch"
     return subprocess.run(
         [str(script), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False
@@ -90,7 +95,8 @@ def test_cli_end_to_end(tmp_path: Path, sample_folder: Path) -> None:
         home, "sources", "add", "archive", "--channel", "operator-owned", "--legal-basis", "b", "--terms", "t", "--json"
     )
     assert added.returncode == 0 and json.loads(added.stdout)["source_id"] == "archive"
-    packed = gm(home, "pack", str(sample_folder), str(tmp_path / "shards"), "--source", "archive", "--json")
+    args = ["pack", str(sample_folder), str(tmp_path / "shards"), "--source", "archive", "--minor-default", "false"]
+    packed = gm(home, *args, "--json")
     assert packed.returncode == 0 and json.loads(packed.stdout)["duplicates"] == 1
     ingested = ingest_faces(home, tmp_path / "shards", "--json")
     assert ingested.returncode == 0, ingested.stderr
@@ -161,7 +167,8 @@ def test_watchlist_of_photos_end_to_end(tmp_path: Path) -> None:
         ).returncode
         == 0
     )
-    assert gm(home, "pack", str(gallery_dir), str(tmp_path / "shards"), "--source", "archive").returncode == 0
+    args = ["pack", str(gallery_dir), str(tmp_path / "shards"), "--source", "archive", "--minor-default", "false"]
+    assert gm(home, *args).returncode == 0
     assert ingest_faces(home, tmp_path / "shards").returncode == 0
     submitted = gm(
         home,
@@ -207,24 +214,27 @@ def test_watchlist_of_photos_end_to_end(tmp_path: Path) -> None:
     closed = gm(home, "watchlist", "close", wl["watchlist_id"], "--closed-by", "unit-4")
     assert closed.returncode == 0 and "closed" in closed.stdout
     assert gm(home, "match", wl["watchlist_id"]).returncode == 2
+    check_audit_trail(home)
+
+
+def check_audit_trail(home: Path) -> None:
+    """Every action wrote its intent then its outcome; the case filter, the report and tampering."""
     audit = json.loads(gm(home, "audit", "show", "--json").stdout)["records"]
-    assert [r["action"] for r in audit] == [
-        "sources.add",
-        "pack",
-        "ingest",
+    actions = ["sources.add", "pack", "ingest", "watchlist.submit", "match", "results.export", "watchlist.close"]
+    assert [r["action"] for r in audit if r["phase"] == "outcome"] == actions
+    assert [r["phase"] for r in audit] == ["intent", "outcome"] * len(actions)  # each intent, then its outcome
+    assert all(r["status"] == "ok" for r in audit if r["phase"] == "outcome")
+    by_case = json.loads(gm(home, "audit", "show", "--case-id", "CASE-9", "--json").stdout)["records"]
+    assert [r["action"] for r in by_case if r["phase"] == "outcome"] == [
         "watchlist.submit",
         "match",
         "results.export",
         "watchlist.close",
     ]
-    assert [
-        r["action"] for r in json.loads(gm(home, "audit", "show", "--case-id", "CASE-9", "--json").stdout)["records"]
-    ] == ["watchlist.submit", "match", "results.export", "watchlist.close"]
     report = json.loads(gm(home, "report", "--since", "2020-01-01", "--json").stdout)
     assert report["runs"] == 1 and report["watchlists_by_purpose"] == {"criminal-investigation": 1}
-    log = home / "audit" / "audit.jsonl"
-    lines = log.read_bytes().splitlines()
-    lines[4] = lines[4].replace(b'"match"', b'"matcH"')
-    log.write_bytes(b"\n".join(lines) + b"\n")
+    assert report["audit_chain"]["ok"] and report["audit_checkpoint"]["count"] == len(audit)
+    record = next((home / "audit" / "records").rglob("000000000009.json"))  # the match's intent
+    record.write_bytes(record.read_bytes().replace(b'"match"', b'"matcH"'))
     broken = gm(home, "audit", "verify")
-    assert broken.returncode == 1 and "record 5" in broken.stdout
+    assert broken.returncode == 1 and "record 9" in broken.stdout
