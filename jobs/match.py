@@ -138,14 +138,10 @@ def _match(
 
 def _kernel(probes: int, device: str) -> str:
     """The filter kernel the matcher chose on this machine (recorded in the manifest)."""
-    from pipelines import matcher
-
-    choose = getattr(matcher, "choose_filter_kernel", None)
-    if choose is None:
-        return "int8" if device == "cpu" and probes >= matcher.INT8_MIN_PROBES else "float32"
+    from pipelines.matcher import choose_filter_kernel
     from pipelines.models import resolve_device
 
-    return str(choose(probes, resolve_device(device)))
+    return choose_filter_kernel(probes, resolve_device(device))
 
 
 def _approximate(

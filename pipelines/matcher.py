@@ -1,8 +1,9 @@
 """Exact top-K: a cheap filter with a proven error bound over every gallery block, then exact rescoring.
 
-For each block of gallery vectors, one matrix product gives approximate scores for every probe-gallery
-pair: int8 on CPU for batches of INT8_MIN_PROBES probes or more (about twice the throughput of float32
-BLAS once the block is quantised), float32 for smaller batches and on a GPU. Each approximate score
+For each block of gallery vectors, one matrix product (`filter_product`) gives approximate scores for every
+probe-gallery pair, int8 or float32: `choose_filter_kernel` (the CPU probing is in `pipelines.match_unit`) picks
+int8 only on a CPU that runs it measurably faster than float32 BLAS (about twice on AVX-512 VNNI, ~80x slower on
+AVX2 alone), for batches of INT8_MIN_PROBES probes or more, and float32 elsewhere. Each approximate score
 is within a bound `b` of the true dot product, and the bound is computed, not assumed (see `ProbeSet`).
 A pair can belong to a probe's final top K only if its true score reaches the probe's running k-th best
 exact score `thr`, so every pair with `approx >= thr - b` is kept and every other pair is provably out.
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+FILTER_KERNELS = ("int8", "float32")
 RESCORE_CHUNK = 1024  # pairs rescored at once (small gathers stay in cache: measured fastest)
 EPS32 = 2.0**-24  # float32 unit roundoff
 EPS_TF32 = 2.0**-11  # inputs rounded to TF32 when a GPU is allowed to use it
@@ -127,13 +129,16 @@ class ProbeSet:
         return held[:size].view(shape)
 
     @classmethod
-    def build(cls, probes: np.ndarray, device: str = "cpu", mode: str | None = None) -> ProbeSet:
+    def build(cls, probes: np.ndarray, device: str = "cpu", mode: str = "auto") -> ProbeSet:
+        """Probes for the `mode` filter: "auto" (`choose_filter_kernel`), "int8" (CPU only) or "float32"."""
         import torch
 
+        mode = choose_filter_kernel(len(probes), device) if mode == "auto" else mode
+        if mode not in FILTER_KERNELS or (mode == "int8" and device != "cpu"):
+            raise ValueError(f"filter kernel {mode!r} on {device}: use 'float32', or 'int8' on cpu")
         exact = unit_rows(probes)
         exact64 = exact.astype(np.float64)
         norm = np.linalg.norm(exact64, axis=1)
-        mode = mode or ("int8" if device == "cpu" and len(exact) >= INT8_MIN_PROBES else "float32")
         if mode == "float32":
             return cls(exact, device, mode, torch.from_numpy(exact).to(device), norm)
         peak = np.abs(exact64).max(axis=1, initial=0.0)
@@ -143,6 +148,13 @@ class ProbeSet:
         l1 = np.abs(dequant).sum(axis=1)
         resid = np.linalg.norm(exact64 - dequant, axis=1)
         return cls(exact, device, mode, torch.from_numpy(q8), norm, scale, l1, resid)
+
+
+def choose_filter_kernel(n_probes: int, device: str = "cpu") -> str:
+    """The filter kernel, "int8" or "float32", for `n_probes` probes on `device` (`pipelines.match_unit` decides)."""
+    from pipelines.match_unit import choose_filter_kernel as choose  # the worker's CPU facts and timed probe
+
+    return choose(n_probes, device)
 
 
 def unit_rows(probes: np.ndarray) -> np.ndarray:
@@ -174,7 +186,7 @@ def score_block(
         empty = np.zeros(0, np.int64)
         return empty, np.zeros(0, np.float32), empty
     gallery = np.ascontiguousarray(vectors, dtype=np.float32)
-    approx, unit, bound = _approximate(probes, gallery)  # approx * unit[:, None] ~ scores, within bound
+    approx, unit, bound = filter_product(probes, gallery)  # approx * unit[:, None] ~ scores, within bound
     floor = top.thr.astype(np.float64)  # a lower bound of each probe's final k-th exact score
     seed_q, seed_g = _seed(approx, floor, top.k)
     if len(seed_q):
@@ -199,7 +211,7 @@ def _seed(approx: Any, floor: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     return np.repeat(cold, k), cols.reshape(-1)
 
 
-def _approximate(probes: ProbeSet, gallery: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+def filter_product(probes: ProbeSet, gallery: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
     """The filter's matrix product, the factor that turns each of its rows into scores, and the bound.
 
     The product is written into a buffer reused from block to block: a fresh (Q, B) array per block costs

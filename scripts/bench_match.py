@@ -1,10 +1,15 @@
-"""Benchmark exact matching (probe-gallery pairs/s): run_match end to end against FAISS, numpy and LanceDB."""
+"""Benchmark exact matching (probe-gallery pairs/s): run_match end to end against FAISS, numpy and LanceDB.
+
+The filter kernel of `run_match` is the one `choose_filter_kernel` picks on this CPU (`--kernels auto`); other
+kernels can be forced for comparison (`--kernels auto,int8`). FAISS is optional: without it numpy is the reference.
+"""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -30,8 +35,18 @@ from jobs.watchlist import Submission, submit
 from lance_tables.schemas import FACES
 from lance_tables.sources import add_source
 from lance_tables.store import Gallery
+from pipelines.match_unit import (
+    CLEARLY_SLOWER,
+    FILTER_KERNELS,
+    PROBE_ROWS,
+    FilterTiming,
+    choose_filter_kernel,
+    kernel_report,
+    time_filters,
+)
+from pipelines.matcher import INT8_MIN_PROBES
 from pipelines.models import FACE_DIM
-from pipelines.results import read_run
+from pipelines.results import load_run
 from pipelines.settings import Settings
 
 SECTION = "## Match (scripts/bench_match.py)"
@@ -62,6 +77,7 @@ class Row:
     timed_q: int
     recall: float | None
     note: str = ""
+    kernel: str = ""  # ours: the kernel setting of the run ("auto" or forced)
 
     @property
     def rate(self) -> float:
@@ -80,6 +96,8 @@ class Ours:
     phases: dict[str, float]
     calls: dict[str, int]
     path: str
+    run_id: str
+    kernels: list[str]  # the filter kernels the units ran
 
     @property
     def growth(self) -> int:
@@ -92,9 +110,10 @@ class Results:
 
     rows: list[Row] = field(default_factory=list)
     once: list[tuple[int, str, float]] = field(default_factory=list)
-    ours: dict[tuple[int, int], Ours] = field(default_factory=dict)
+    ours: dict[tuple[int, int, str], Ours] = field(default_factory=dict)  # (N, Q, kernel setting)
     load: list[float] = field(default_factory=list)
     anatomy: dict[int, dict[str, float]] = field(default_factory=dict)  # per Q: seconds per step of one block
+    timing: FilterTiming | None = None  # the kernel probe, timed for the report even where the choice skips it
 
 
 @dataclass
@@ -200,7 +219,7 @@ PHASES = (  # (module, attribute, label): timed by wrapping, in the child only
     ("jobs.match", "read_probes", "read probes"),
     ("jobs.match", "_partials", "match loop"),
     ("pipelines.match_unit", "score_block", "score_block"),
-    ("pipelines.matcher", "_approximate", "filter product"),
+    ("pipelines.matcher", "filter_product", "filter product"),
     ("pipelines.matcher", "_survivors", "survivors"),
     ("pipelines.matcher", "exact_scores", "rescore"),
     ("pipelines.matcher", "TopK.add", "TopK.add"),
@@ -249,7 +268,21 @@ def import_libraries() -> None:
     import pipelines.engines.local  # noqa: F401
 
 
-def child(home: str, watchlist_id: str) -> int:
+def force_kernel(kernel: str, used: list[str]) -> None:
+    """Every unit runs `kernel` ("auto": the worker's own choice); what each one ran is appended to `used`."""
+    from pipelines import match_unit
+
+    original = match_unit.unit_kernel
+
+    def recorded(setting: str, n_probes: int, device: str) -> str:
+        value = original(setting if kernel == "auto" else kernel, n_probes, device)
+        used.append(value)
+        return value
+
+    match_unit.unit_kernel = recorded
+
+
+def child(home: str, watchlist_id: str, kernel: str) -> int:
     """`run_match` once, libraries imported before the RSS baseline; one JSON line on stdout."""
     from jobs import match
 
@@ -257,7 +290,9 @@ def child(home: str, watchlist_id: str) -> int:
     settings = Settings(home=Path(home), model_downloads=False)
     spent: dict[str, float] = {}
     calls: dict[str, int] = {}
+    used: list[str] = []
     wrap_phases(spent, calls)
+    force_kernel(kernel, used)
     before = current_rss()
     manifest, seconds = timed(lambda: match.run_match(settings, watchlist_id, "local"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -272,16 +307,18 @@ def child(home: str, watchlist_id: str) -> int:
                 "phases": spent,
                 "calls": calls,
                 "path": manifest["path"],
+                "run_id": manifest["run_id"],
+                "kernels": sorted(set(used)),
             }
         )
     )
     return 0
 
 
-def run_ours(settings: Settings, watchlist_id: str) -> Ours:
+def run_ours(settings: Settings, watchlist_id: str, kernel: str) -> Ours:
     """The child is forked by a shell, not exec'd from here: Linux carries the RSS high-water mark of the
     process that calls exec into ru_maxrss, so a direct child would report this (large) process's peak."""
-    child_argv = [sys.executable, str(Path(__file__).resolve()), "--child", str(settings.home), watchlist_id]
+    child_argv = [sys.executable, str(Path(__file__).resolve()), "--child", str(settings.home), watchlist_id, kernel]
     command = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *child_argv]
     done = subprocess.run(command, check=False, capture_output=True, text=True)
     if done.returncode != 0:
@@ -289,8 +326,8 @@ def run_ours(settings: Settings, watchlist_id: str) -> Ours:
     return Ours(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def ours_ids(path: str, q: int, k: int) -> np.ndarray:
-    table = read_run(Path(path))
+def ours_ids(settings: Settings, run_id: str, q: int, k: int) -> np.ndarray:
+    table = load_run(settings.store, run_id)
     ids = np.full((q, k), -1, dtype=np.int64)
     probes = [int(p[1:]) for p in table.column("probe_id").to_pylist()]
     ranks = table.column("rank").to_pylist()
@@ -300,6 +337,11 @@ def ours_ids(path: str, q: int, k: int) -> np.ndarray:
 
 
 # ---- the peers, in this process -----------------------------------------------------------------------------
+
+
+def has_faiss() -> bool:
+    """FAISS is a peer, not a dependency: without it the numpy GEMM is the exact reference."""
+    return importlib.util.find_spec("faiss") is not None
 
 
 def faiss_index(gallery: np.ndarray) -> tuple[Any, float]:
@@ -384,18 +426,18 @@ def build_ivf_pq(settings: Settings, n: int) -> float:
 
 
 def anatomy(q: int, k: int) -> dict[str, float]:
-    """`score_block`'s steps over ANATOMY_BLOCKS blocks of random rows, as `run_unit` calls it: the median of
-    the last half (the running k-th has settled a little), plus a float32 GEMM of the same shape to compare."""
+    """`score_block`'s steps over ANATOMY_BLOCKS blocks of random rows, with the kernel `run_unit` would choose:
+    the median of the last half (the running k-th has settled a little), plus a float32 GEMM of the same shape."""
     import torch
 
     from pipelines import matcher
 
     rows = Settings().match_block_rows
     rng = np.random.default_rng([SEED, q])
-    prepared = matcher.ProbeSet.build(unit_rows(rng, q))
+    prepared = matcher.ProbeSet.build(unit_rows(rng, q), "cpu", choose_filter_kernel(q, "cpu"))
     top = matcher.TopK(q, k)
     spent: dict[str, list[float]] = {}
-    originals = {name: getattr(matcher, name) for name in ("_approximate", "_survivors", "exact_scores")}
+    originals = {name: getattr(matcher, name) for name in ("filter_product", "_survivors", "exact_scores")}
 
     def timing(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapped(*args: Any) -> Any:
@@ -467,12 +509,14 @@ def found_sources(ids: np.ndarray, sources: np.ndarray) -> float:
 def prepare_case(n: int, root: Path, res: Results) -> Case:
     gallery, gen_s = timed(lambda: gallery_vectors(n))
     settings, write_s = timed(lambda: build_home(root / f"home-{n}", gallery))
-    index, add_s = faiss_index(gallery)
     res.once += [
         (n, "generate the unit-norm gallery (numpy, seeded)", gen_s),
         (n, f"write it to the LanceDB `faces` table ({math.ceil(n / CHUNK)} appends of <= {CHUNK:,} rows)", write_s),
-        (n, "FAISS `IndexFlatIP.add` (copy into the index)", add_s),
     ]
+    if not has_faiss():
+        return Case(n, settings, gallery)
+    index, add_s = faiss_index(gallery)
+    res.once.append((n, "FAISS `IndexFlatIP.add` (copy into the index)", add_s))
     return Case(n, settings, gallery, index)
 
 
@@ -480,18 +524,26 @@ def measure_exact(case: Case, q: int, args: argparse.Namespace, root: Path, res:
     probes, sources = probe_vectors(case.gallery, q)
     case.probes[q], case.sources[q] = probes, sources
     wid = submit_watchlist(case.settings, root, probes, args.k)
-    ours = run_ours(case.settings, wid)
-    res.ours[(case.n, q)] = ours
-    reference, faiss_s = faiss_search(case.faiss_index, probes, args.k)
-    case.exact[q] = reference
-    mine = ours_ids(ours.path, q, args.k)
     by_numpy, numpy_s = timed(lambda: numpy_top_k(probes, case.gallery, args.k))
-    res.rows += [
-        Row(case.n, q, "ours", ours.seconds, q, recall(mine, reference), ours_note(mine, by_numpy, case)),
-        Row(case.n, q, "faiss", faiss_s, q, None, "the reference; all Q in one `search`"),
-        Row(case.n, q, "numpy", numpy_s, q, recall(by_numpy, reference), f"blocks of {BLOCK:,}"),
-        measure_flat(case, q, probes, args, reference),
-    ]
+    peers = [Row(case.n, q, "numpy", numpy_s, q, None, f"blocks of {BLOCK:,}; the reference (no FAISS)")]
+    case.exact[q] = by_numpy
+    if case.faiss_index is not None:
+        case.exact[q], faiss_s = faiss_search(case.faiss_index, probes, args.k)
+        peers = [
+            Row(case.n, q, "faiss", faiss_s, q, None, "the reference; all Q in one `search`"),
+            Row(case.n, q, "numpy", numpy_s, q, recall(by_numpy, case.exact[q]), f"blocks of {BLOCK:,}"),
+        ]
+    for kernel in args.kernel_list:
+        ours = res.ours[(case.n, q, kernel)] = run_ours(case.settings, wid, kernel)
+        mine = ours_ids(case.settings, ours.run_id, q, args.k)
+        note = f"filter {kernel_label(kernel, ours)}; {ours_note(mine, by_numpy, case)}"
+        res.rows.append(Row(case.n, q, "ours", ours.seconds, q, recall(mine, case.exact[q]), note, kernel))
+    res.rows += [*peers, measure_flat(case, q, probes, args, case.exact[q])]
+
+
+def kernel_label(kernel: str, ours: Ours) -> str:
+    ran = "/".join(ours.kernels) or "none"
+    return f"**{ran}** (chosen)" if kernel == "auto" else f"**{ran}** (forced)"
 
 
 def ours_note(mine: np.ndarray, by_numpy: np.ndarray, case: Case) -> str:
@@ -500,7 +552,7 @@ def ours_note(mine: np.ndarray, by_numpy: np.ndarray, case: Case) -> str:
     first = found_sources(mine, case.sources[q])
     note = f"vs numpy {recall(mine, by_numpy):.4f}; near-duplicate source ranked 1st: {first:.3f}"
     if differ:
-        note += f"; {differ} probe(s) differ from FAISS, {tied} of them only by float ties at the k-th"
+        note += f"; {differ} probe(s) differ from the reference, {tied} of them only by float ties at the k-th"
     return note
 
 
@@ -554,6 +606,10 @@ def fmt_recall(value: float | None) -> str:
     return "ref" if value is None else f"{value:.4f}"
 
 
+def reference_name(res: Results) -> str:
+    return "FAISS" if any(r.method == "faiss" for r in res.rows) else "numpy"
+
+
 def throughput_lines(res: Results, k: int) -> list[str]:
     order = list(METHODS)
     rows = sorted(res.rows, key=lambda r: (r.n, r.q, order.index(r.method)))
@@ -570,7 +626,16 @@ def throughput_lines(res: Results, k: int) -> list[str]:
         ]
         for r in rows
     ]
-    header = ["N", "Q", "Method", "Probes timed", "Wall s", "M pairs/s", f"Recall@{k} vs FAISS", "Notes"]
+    header = [
+        "N",
+        "Q",
+        "Method",
+        "Probes timed",
+        "Wall s",
+        "M pairs/s",
+        f"Recall@{k} vs {reference_name(res)}",
+        "Notes",
+    ]
     return markdown_table(header, cells, "rrlrrrrl")
 
 
@@ -589,19 +654,20 @@ def verdict(ratio: float, target: float, applies: bool) -> str:
     return "yes" if ratio >= target else "NO"
 
 
-def ratio_lines(res: Results) -> list[str]:
+def ratio_lines(res: Results, main: str) -> list[str]:
+    """Ours with the first `--kernels` setting (the first ours row of each size) against the peers."""
     cells = []
-    for n, q in sorted(res.ours):
+    for n, q in sorted({(n, q) for n, q, kernel in res.ours if kernel == main}):
         ours, peer, lance = (rate(res, n, q, m) for m in ("ours", "faiss", "lancedb_flat"))
-        to_faiss, to_lance = ours / peer if peer else 0.0, ours / lance if lance else 0.0
+        to_lance = ours / lance if lance else 0.0
         at_target = (n, q) == (TARGET_N, TARGET_Q)
+        faiss_cells = [f"{ours / peer:.2f}", verdict(ours / peer, FAISS_TARGET, at_target)] if peer else ["n/a"] * 2
         cells.append(
             [
                 f"{n:,}",
                 str(q),
                 f"{ours / MB:,.1f}",
-                f"{to_faiss:.2f}",
-                verdict(to_faiss, FAISS_TARGET, at_target),
+                *faiss_cells,
                 f"{to_lance:.1f}",
                 verdict(to_lance, FLAT_TARGET, True),
             ]
@@ -620,7 +686,7 @@ def ratio_lines(res: Results) -> list[str]:
 
 def memory_lines(res: Results) -> list[str]:
     cells = []
-    for (n, q), ours in sorted(res.ours.items()):
+    for (n, q, kernel), ours in sorted(res.ours.items()):
         probe_bytes = q * FACE_DIM * 4
         beyond = ours.growth - probe_bytes
         met = ("yes" if beyond < MEMORY_TARGET else "NO") if n == TARGET_N else "(no target)"
@@ -628,6 +694,7 @@ def memory_lines(res: Results) -> list[str]:
             [
                 f"{n:,}",
                 str(q),
+                kernel_cell(kernel, ours),
                 f"{probe_bytes / MB:.2f}",
                 f"{ours.rss_before / MB:,.0f}",
                 f"{ours.peak_rss / MB:,.0f}",
@@ -640,6 +707,7 @@ def memory_lines(res: Results) -> list[str]:
     header = [
         "N",
         "Q",
+        "Filter kernel",
         "Probe matrix MB",
         "RSS before MB",
         "Peak RSS MB (ru_maxrss)",
@@ -648,12 +716,12 @@ def memory_lines(res: Results) -> list[str]:
         f"Beyond the probes MB (target < {MEMORY_TARGET / MB:,.0f} at N=1M)",
         "Met",
     ]
-    return markdown_table(header, cells, "rrrrrrrrl")
+    return markdown_table(header, cells, "rrlrrrrrrl")
 
 
 def phase_lines(res: Results) -> list[str]:
     cells = []
-    for (n, q), ours in sorted(res.ours.items()):
+    for (n, q, kernel), ours in sorted(res.ours.items()):
         p = ours.phases
         scan = p.get("match loop", 0.0) - p.get("score_block", 0.0) - p.get("TopK.add", 0.0)
         inside = [p.get("filter product", 0.0), p.get("survivors", 0.0), p.get("rescore", 0.0)]
@@ -665,6 +733,7 @@ def phase_lines(res: Results) -> list[str]:
             [
                 f"{n:,}",
                 str(q),
+                kernel_cell(kernel, ours),
                 f"{ours.imports:.2f}",
                 *(f"{s:.2f}" for s in [*parts, other]),
                 f"{ours.seconds:.2f}",
@@ -674,10 +743,11 @@ def phase_lines(res: Results) -> list[str]:
     header = [
         "N",
         "Q",
+        "Filter kernel",
         "imports (not in total)",
         "read probes",
         "Lance scan + to numpy",
-        "filter product (int8 from Q=256, else float32)",
+        "filter product",
         "survivors (compare pass)",
         "exact rescoring",
         "rest of score_block",
@@ -689,47 +759,81 @@ def phase_lines(res: Results) -> list[str]:
         "total s",
         "blocks",
     ]
-    return markdown_table(header, cells, "rr" + "r" * 14)
+    return markdown_table(header, cells, "rrl" + "r" * 14)
 
 
-ANATOMY_STEPS = ("_approximate", "_survivors", "exact_scores", "score_block", "float32 GEMM")
+def kernel_cell(kernel: str, ours: Ours) -> str:
+    return f"{'/'.join(ours.kernels) or 'none'} ({'chosen' if kernel == 'auto' else 'forced'})"
+
+
+ANATOMY_STEPS = ("filter_product", "_survivors", "exact_scores", "score_block", "float32 GEMM")
 
 
 def anatomy_lines(res: Results) -> list[str]:
     cells = [
-        [str(q), *(f"{steps[name] * 1000:.1f}" for name in ANATOMY_STEPS), f"{steps['survivors']:,.0f}"]
+        [
+            str(q),
+            choose_filter_kernel(q, "cpu"),
+            *(f"{steps[name] * 1000:.1f}" for name in ANATOMY_STEPS),
+            f"{steps['survivors']:,.0f}",
+        ]
         for q, steps in sorted(res.anatomy.items())
     ]
     header = [
         "Q",
-        "filter product ms (from Q=256: quantise the block, int8 GEMM; else float32)",
+        "Filter kernel (chosen)",
+        "filter product ms (int8: quantise the block, int8 GEMM; float32: one GEMM)",
         "survivors ms (one compare pass)",
         "exact rescoring ms",
         "score_block ms",
         "float32 GEMM alone ms (for comparison)",
         "pairs rescored",
     ]
-    return markdown_table(header, cells, "rrrrrrr")
+    return markdown_table(header, cells, "rlrrrrrr")
 
 
 def versions() -> str:
-    import faiss
     import lance
     import lancedb
 
     return (
-        f"numpy {np.__version__}, faiss-cpu {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads), "
+        f"numpy {np.__version__}, {faiss_version()}, "
         f"lancedb {lancedb.__version__}, pylance {lance.__version__}, pyarrow {pa.__version__}"
     )
 
 
+def faiss_version() -> str:
+    if not has_faiss():
+        return "faiss-cpu not installed (FAISS peer skipped; the numpy GEMM is the exact reference)"
+    import faiss
+
+    return f"faiss-cpu {faiss.__version__} ({faiss.omp_get_max_threads()} OpenMP threads)"
+
+
+def kernel_lines(timing: FilterTiming | None) -> list[str]:
+    """The CPU's vector extensions, the filter kernel chosen for large batches and why, and the probe's timings."""
+    report = kernel_report()
+    lines = [
+        f"CPU vector extensions: {', '.join(report.vector_flags) or 'none known'} (torch CPU capability "
+        f"{report.torch_capability}); filter kernel chosen for Q >= {INT8_MIN_PROBES}: **{report.kernel}** "
+        f"({report.reason}); below {INT8_MIN_PROBES} probes float32",
+    ]
+    if timing is not None:
+        lines.append(
+            f"Kernel probe, timed for this table: int8 {timing.int8_ms:.2f} ms, float32 {timing.float32_ms:.2f} ms "
+            f"(`matcher.filter_product` of {INT8_MIN_PROBES} probes by {PROBE_ROWS} rows, 512-d, best of up to 3 "
+            f"rounds: it stops once int8 is {CLEARLY_SLOWER:g}x slower)"
+        )
+    return lines
+
+
 def render(res: Results, args: argparse.Namespace, command: str) -> str:
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [SECTION, ""]
+    lines = [args.heading, ""]
     if max(args.size_list) < TARGET_N or max(args.query_list) < TARGET_Q:
-        lines += ["**Smoke run** (below N=1M, Q=1000): it only shows the script works. Replace it with a full run.", ""]
+        lines += ["**Reduced run** (below N=1M, Q=1000): the targets are stated at N=1M, Q=1000.", ""]
     lines += [f"Measured {when} with `{command}`.", ""]
-    lines += [f"- {item}" for item in [*machine("auto"), versions()]]
+    lines += [f"- {item}" for item in [*machine("auto"), *kernel_lines(res.timing), versions()]]
     lines += [
         f"- 1-minute load average at start / end: {' / '.join(f'{v:.2f}' for v in res.load)} "
         "(anything else running on the machine slows every row)",
@@ -739,7 +843,7 @@ def render(res: Results, args: argparse.Namespace, command: str) -> str:
         f"`jobs.watchlist.submit` (top_k={args.k}).",
         "",
     ]
-    lines += [*throughput_lines(res, args.k), "", *ratio_lines(res), "", *memory_lines(res), ""]
+    lines += [*throughput_lines(res, args.k), "", *ratio_lines(res, args.kernel_list[0]), "", *memory_lines(res), ""]
     lines += ["Where the time of `run_match` goes (seconds, timed in the child by wrapping the functions):", ""]
     lines += [*phase_lines(res), ""]
     lines += [
@@ -769,13 +873,17 @@ def notes(args: argparse.Namespace) -> list[str]:
         "The child is forked by `/bin/sh`, not exec'd from the benchmark: Linux keeps the RSS high-water mark of "
         "the process that calls exec in `ru_maxrss`, so a direct child reported the parent's ~6 GB. "
         "`Lance scan + to numpy` is the match loop less `score_block` and `TopK.add`.",
-        "- **ours** is exact: an int8 matrix product filters every block with a computed error bound (no pair "
+        "- **ours** is exact: one matrix product filters every block with a computed error bound (no pair "
         "that can reach a probe's top K is dropped), and the survivors are rescored in float64 "
-        "(`pipelines/matcher.py` explains the bound); recall@K 1.0 against FAISS checks it end to end.",
-        "- Recall@K compares sets of ids per probe with FAISS; a differing id whose float64 score is within "
-        f"{TIE_TOLERANCE:g} of the k-th is counted as a float tie. IVF_PQ recall is against the same exact sets; "
-        "uniformly random vectors have no cluster structure, the worst case for IVF, so its recall of the random "
-        "half of the probes is low by construction: the near-duplicate column is the meaningful one there.",
+        "(`pipelines/matcher.py` explains the bound); recall@K 1.0 against the reference checks it end to end. "
+        "The filter is int8 only on a CPU with int8 dot-product instructions where a timed probe finds it faster "
+        "than float32 (`pipelines.match_unit.choose_filter_kernel`), float32 elsewhere; the kernel never changes a "
+        "score. A `(forced)` row runs every unit with that kernel instead (`--kernels`), for comparison.",
+        "- Recall@K compares sets of ids per probe with the reference (FAISS, or numpy without it); a differing id "
+        f"whose float64 score is within {TIE_TOLERANCE:g} of the k-th is counted as a float tie. IVF_PQ recall "
+        "is against the same exact sets; uniformly random vectors have no cluster structure, the worst case for "
+        "IVF, so its recall of the random half of the probes is low by construction: the near-duplicate column is "
+        "the meaningful one there.",
         "- IVF_PQ is timed after a one-probe warm-up query (index load); its build uses fewer k-means iterations and "
         f"samples than LanceDB's defaults (max_iterations {IVF_ITERATIONS}, sample_rate {IVF_SAMPLE_RATE} instead "
         "of 50 and 256), which took ~5 min at N=100k on this machine.",
@@ -801,9 +909,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None, help="parent of the temporary data (default: $TMPDIR)")
     parser.add_argument("--no-write", action="store_true", help="print the tables only; leave the docs alone")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="docs file (%(default)s)")
-    parser.add_argument("--child", nargs=2, metavar=("HOME", "WATCHLIST_ID"), help=argparse.SUPPRESS)
+    parser.add_argument("--heading", default=SECTION, help="the docs section (its heading) to replace or append")
+    parser.add_argument(
+        "--kernels",
+        default="auto",
+        help="filter kernels of ours, comma separated: auto (chosen for this CPU), int8, float32 (forced); "
+        "the first is the one in the ratio table (%(default)s)",
+    )
+    parser.add_argument("--child", nargs=3, metavar=("HOME", "WATCHLIST_ID", "KERNEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.size_list, args.query_list = int_list(args.sizes), int_list(args.queries)
+    args.kernel_list = [v.strip() for v in args.kernels.split(",") if v.strip()]
+    if not args.kernel_list or not set(args.kernel_list) <= {"auto", *FILTER_KERNELS}:
+        parser.error(f"--kernels takes auto, {', '.join(FILTER_KERNELS)}")
+    if not args.heading.startswith("## "):
+        parser.error("--heading must be a second-level markdown heading ('## ...')")
     if not args.size_list or not args.query_list or min(args.size_list + args.query_list) < 1:
         parser.error("--sizes and --queries need positive integers")
     if not 1 <= args.k <= 10_000 or args.lancedb_flat_max_q < 1 or args.k > min(args.size_list):
@@ -816,7 +936,7 @@ def command_line(argv: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> Results:
-    res = Results(load=[os.getloadavg()[0]])
+    res = Results(load=[os.getloadavg()[0]], timing=time_filters())
     with tempfile.TemporaryDirectory(prefix="bench-match-", dir=args.workdir) as name:
         for n in args.size_list:
             measure_size(n, args, Path(name), res)
@@ -834,7 +954,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(run(args), args, command_line(argv))
     print(section)
     if not args.no_write:
-        write_section(args.out, section, SECTION)
+        write_section(args.out, section, args.heading)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
