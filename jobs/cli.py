@@ -126,6 +126,9 @@ def ingest(
     ] = "ray",
     face_model: Annotated[str | None, typer.Option(help="face model id (default from settings)")] = None,
     image_model: Annotated[str | None, typer.Option(help="image model id (default from settings)")] = None,
+    allow_undeclared_minors: Annotated[
+        bool, typer.Option(help="take shards with no minor column as all adults (audited); default: quarantine them")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed image shards into the gallery (faces and whole images); resumable, reruns skip finished shards."""
@@ -141,6 +144,7 @@ def ingest(
         face_model,
         image_model,
         progress=sys.stderr.isatty(),
+        allow_undeclared_minors=allow_undeclared_minors,
     )
     _emit(result, as_json, _ingest_human)
 
@@ -163,13 +167,16 @@ def import_embeddings(
     model_id: Annotated[str, typer.Option("--model-id", help="the model that made the vectors")],
     modality: Annotated[str, typer.Option(help="face | image: the table the vectors go to")] = "face",
     dim: Annotated[int | None, typer.Option(help="vector width, for a model gallerymatch does not know")] = None,
+    allow_undeclared_minors: Annotated[
+        bool, typer.Option(help="import a file with no minor column as all adults (audited); default: refused")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Import precomputed embeddings (Parquet: record_id, embedding, optional subject_id, minor)."""
     from jobs.import_embeddings import run_import
 
     _choice("--modality", modality, ("face", "image"))
-    result = run_import(_settings(), file, source, model_id, modality, dim)  # type: ignore[arg-type]
+    result = run_import(_settings(), file, source, model_id, modality, dim, allow_undeclared_minors)  # type: ignore[arg-type]
     _emit(
         result,
         as_json,

@@ -63,9 +63,10 @@ def audit_show(
     records = AuditLog.of(_settings()).records()
     closed = {r.get("intent_seq") for r in records if r.get("phase") == "outcome"}
     chosen = [r for r in records if case_id is None or r.get("case_id") == case_id]
-    rows = [
-        f"{r['seq']:>6} {printable(r.get('time', ''))[:19]} {printable(r.get('actor', '')):<16} "
-        f"{printable(r.get('action', 'UNREADABLE')):<18} {_phase(r, closed):<22} {printable(r.get('case_id', ''))}"
+    rows = [  # every field escaped: a value (or a tampered record) never starts a line of its own
+        f"{printable(r['seq']):>6} {printable(r.get('time', ''))[:19]} {printable(r.get('actor', '')):<16} "
+        f"{printable(r.get('action', 'UNREADABLE')):<18} {printable(_phase(r, closed)):<22} "
+        f"{printable(r.get('case_id', ''))}"
         for r in chosen
     ]
     _print({"records": chosen}, as_json, "\n".join(rows) or "no audit records")

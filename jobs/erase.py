@@ -77,6 +77,7 @@ def erase(
     if not reason.strip():
         raise Refused("an erasure needs --reason")
     selector = selectors(image_id, subject_id, source_id)
+    pending = [p.receipt_id for p in _journals(settings.store) if p.selector == selector.ids]  # read only
     with writer_session(settings, "erase", exclusive=True) as log:
         gallery = Gallery(settings.lance_dir)
         blocked = tagged(gallery, [*TABLES, "erased", "reviews"])
@@ -85,6 +86,9 @@ def erase(
         unfinished = [p for p in _journals(settings.store) if p.selector == selector.ids]
         if unfinished:  # a failed or interrupted erasure of the same person: finish that plan, never a new one
             return _run(settings, gallery, log, unfinished[0], requested_by, resumed=True)
+        finished = [r for r in pending if settings.store.read(f"{JOURNAL}{r}/done.json") is not None]
+        if finished:  # the session's recovery just finished this person's interrupted plan: hand out its
+            return _stored_receipt(settings.store, finished[0])  # receipt, not an empty second erasure's
         with log.action(requested_by, "erase", selector_kind=selector.kind, reason=_digest(reason)) as op:
             plan, vectors = _plan(settings, gallery, selector, requested_by, reason, op)
             _store_plan(settings.store, plan, vectors, op)
@@ -93,6 +97,7 @@ def erase(
 
 def resume_unfinished(settings: Settings, log: AuditLog) -> list[str]:
     """Finish erasures a crash interrupted (not those whose check failed: `erase` retries those)."""
+    _drop_unplanned(settings.store)
     done = []
     for plan in _journals(settings.store):
         if _failed_attempts(settings.store, plan):
@@ -101,6 +106,17 @@ def resume_unfinished(settings: Settings, log: AuditLog) -> list[str]:
         _run(settings, gallery, log, plan, plan.requested_by, resumed=True)
         done.append(plan.receipt_id)
     return done
+
+
+def _drop_unplanned(store: ObjectStore) -> None:
+    """A journal without its plan was cut off before the plan was recorded, so nothing was removed; its
+    `vectors.npz` is a copy of the vectors nothing will ever read again (and would fail every later byte scan).
+    Only called under the writer lease, before this process starts an erasure of its own."""
+    names = store.list(JOURNAL)
+    planned = {n.removesuffix("plan.json") for n in names if n.endswith("/plan.json")}
+    for name in names:
+        if name[: name.rfind("/") + 1] not in planned:
+            store.delete(name)
 
 
 def _run(settings: Settings, gallery: Gallery, log: AuditLog, plan: Plan, actor: str, resumed: bool) -> dict[str, Any]:
@@ -222,6 +238,11 @@ def _receipt(
         "ok": True,
         "audit_head": op.head.as_dict(),
     }
+
+
+def _stored_receipt(store: ObjectStore, receipt_id: str) -> dict[str, Any]:
+    data = store.read(RECEIPTS + receipt_id + ".json") or b"{}"
+    return dict(json.loads(data)) | {"receipt_sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _write_receipt(store: ObjectStore, receipt: dict[str, Any]) -> None:

@@ -80,6 +80,7 @@ def find_rows(gallery: Gallery, selector: Selector) -> Found:
     if selector.kind == "image":
         out.image_ids.append(selector.value)
     out.image_ids = sorted(set(out.image_ids))
+    gallery.add_declared_columns("quarantine")  # older tables gain the subject_id column (null) first
     quarantine = gallery.open("quarantine")
     has_subject = quarantine is not None and "subject_id" in quarantine.schema.names
     more = _predicates(selector, out.image_ids, has_subject)

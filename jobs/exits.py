@@ -17,18 +17,20 @@ def exit_code_of(exc: BaseException) -> int:
     """Report `exc` in one line (usage errors with their usage text) and return the exit code."""
     import click
     import pydantic
+    import typer
+    from typer import _click as typer_click  # typer vendors its own click: its usage errors are not click's
 
-    if isinstance(exc, SystemExit):
-        return exc.code if isinstance(exc.code, int) else 0
-    if isinstance(exc, BrokenPipeError):
+    if isinstance(exc, BrokenPipeError) or _after_broken_pipe(exc):
         silence_stdout()  # the reader went away (`| head`): stop quietly, as git does
         return 0
-    if isinstance(exc, click.exceptions.Exit):
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 0
+    if isinstance(exc, click.exceptions.Exit | typer.Exit):
         return int(exc.exit_code)
-    if isinstance(exc, click.ClickException):
+    if isinstance(exc, click.ClickException | typer_click.exceptions.ClickException):
         exc.show()
         return int(exc.exit_code)
-    if isinstance(exc, click.exceptions.Abort | KeyboardInterrupt):
+    if isinstance(exc, click.exceptions.Abort | typer.Abort | KeyboardInterrupt):
         _say("interrupted")
         return 130
     if isinstance(exc, GalleryMatchError):
@@ -43,6 +45,12 @@ def exit_code_of(exc: BaseException) -> int:
     return _unexpected(exc)
 
 
+def _after_broken_pipe(exc: BaseException) -> bool:
+    """typer turns a closed pipe (EPIPE) into `sys.exit(1)`, even outside standalone mode."""
+    cause = exc.__context__
+    return isinstance(exc, SystemExit) and isinstance(cause, OSError) and cause.errno == errno.EPIPE
+
+
 def _settings_problem(exc: object) -> str:
     errors = exc.errors()  # type: ignore[attr-defined]
     return "; ".join(
@@ -52,7 +60,7 @@ def _settings_problem(exc: object) -> str:
 
 
 def _unexpected(exc: BaseException) -> int:
-    if os.environ.get("GALLERYMATCH_DEBUG"):
+    if os.environ.get("GALLERYMATCH_DEBUG") == "1":  # not "0", not ""
         traceback.print_exception(exc)
     else:
         _say(f"error: unexpected {type(exc).__name__}: {str(exc)[:300]} (set GALLERYMATCH_DEBUG=1 for the traceback)")

@@ -79,7 +79,8 @@ def run_import(
         minors = check_minor_column(handle, path, allow_undeclared_minors)
         width = expected_dim(gallery, model_id, modality, dim)
         key = file_digest(path)
-        fields = {"source_id": source_id, "model_id": model_id, "inputs_digest": f"sha256:{key}"}
+        fields: dict[str, object] = {"source_id": source_id, "model_id": model_id, "inputs_digest": f"sha256:{key}"}
+        fields |= {"allow_undeclared_minors": True} if allow_undeclared_minors else {}
         with log.action(settings.actor, "import-embeddings", **fields) as op:
             seen: set[str] = set()
             imported, quarantined, offset = 0, [], 0

@@ -66,8 +66,11 @@ def run_ingest(
     face_model: str | None = None,
     image_model: str | None = None,
     progress: bool = True,
+    allow_undeclared_minors: bool = False,
 ) -> dict[str, Any]:
-    task = IngestTask.from_settings(settings, modality, face_model, image_model)
+    """`allow_undeclared_minors` takes shards without a minor column as all adults (an operator's statement,
+    recorded in the audit); without it such shards are quarantined whole (minors fail closed)."""
+    task = IngestTask.from_settings(settings, modality, face_model, image_model, allow_undeclared_minors)
     if engine == "ray":  # start Ray before LanceDB's runtime exists: no fork of a live async runtime
         from pipelines.engines.ray import start_ray
 
@@ -87,7 +90,11 @@ def run_ingest(
             if m
         ]
         with log.action(
-            settings.actor, "ingest", inputs_digest=digest(sorted(i.shard_key for i in items)), models=models
+            settings.actor,
+            "ingest",
+            inputs_digest=digest(sorted(i.shard_key for i in items)),
+            models=models,
+            allow_undeclared_minors=allow_undeclared_minors or None,
         ) as op:
             summary = _ingest(settings, task, gallery, engine, items, len(shards), skipped, notices, progress)
             op.record(

@@ -53,11 +53,14 @@ def recover_home(settings: Settings, log: AuditLog) -> dict[str, Any]:
 
 def close_dead_intents(settings: Settings, log: AuditLog) -> list[int]:
     """Every intent of a process that died gets its outcome: a match whose run was committed is audited as
-    done (the search was made), anything else as interrupted (its rerun is idempotent)."""
+    done (the search was made), anything else as interrupted (its rerun is idempotent).
+
+    Runs after `resume_unfinished`, which closed the intents of the erasures it finished; an erase intent still
+    open here died before its plan was recorded, or while retrying a plan whose check failed (`erase` retries it)."""
     closed = []
     for intent, owner in log.open_intents():
-        if intent.get("action") == "erase" or not _dead(owner, log.lease):
-            continue  # erasures are finished by resume_unfinished; live owners are left alone
+        if not _dead(owner, log.lease):
+            continue  # live owners are left alone
         run = find_run(settings.store, str(intent.get("run_id"))) if intent.get("run_id") else None
         if run is not None:
             log.close_intent(intent, "ok", recovered=True, counts={"candidates": run.get("candidates")})

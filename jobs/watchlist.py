@@ -157,5 +157,5 @@ def _make_probes(settings: Settings, sub: Submission, model_id: str, gallery: Ga
     if sub.probes.is_file():
         table = gallery.open("faces" if sub.modality == "face" else "image_embeddings")
         dim = table.schema.field("vector").type.list_size if table is not None else image_spec(model_id).dim
-        return probes_from_embeddings(sub.probes, dim)
+        return probes_from_embeddings(sub.probes, dim, model_id=model_id)
     raise Refused(f"{sub.probes} is neither a folder of probe photos nor a Parquet of probe embeddings")

@@ -99,6 +99,7 @@ QUARANTINE = pa.schema(
         pa.field("detail", pa.string(), nullable=False),
         pa.field("shard_key", pa.string(), nullable=False),
         pa.field("quarantined_at", TS, nullable=False),
+        pa.field("subject_id", pa.string()),  # when known: erasure by subject finds a person's unusable photos
     ]
 )
 

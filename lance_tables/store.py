@@ -12,9 +12,21 @@ from lance_tables.schemas import FIXED, KEYS, image_embeddings_schema
 from pipelines.errors import Refused
 
 
+def sql_str(value: str) -> str:
+    """The one way a value enters a Lance predicate: a quoted SQL string literal, quotes doubled.
+
+    Control characters (NUL, newlines...) are refused: no id or model id needs them, and they are
+    where parsers disagree."""
+    if not isinstance(value, str):
+        raise Refused(f"a predicate value must be a string, got {type(value).__name__}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise Refused(f"refusing a predicate value with control characters: {value[:40]!r}")
+    return "'" + value.replace("'", "''") + "'"
+
+
 def sql_list(values: list[str]) -> str:
-    """A SQL IN-list of opaque ids (hex digests and the like; quotes are escaped anyway)."""
-    return "(" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + ")"
+    """A SQL IN-list of values, each quoted by `sql_str`; an empty list matches nothing."""
+    return "(" + (", ".join(sql_str(v) for v in values) or "NULL") + ")"
 
 
 class Gallery:
@@ -41,6 +53,12 @@ class Gallery:
         schema = schema if schema is not None else FIXED[name]
         return self.db.create_table(name, schema=schema, exist_ok=True)
 
+    def add_declared_columns(self, name: str) -> None:
+        """Bring an existing fixed-schema table up to its declared schema (new nullable columns, all null)."""
+        table = self.open(name)
+        if table is not None:
+            _add_missing_columns(table, FIXED[name])
+
     def ensure_image_embeddings(self, dim: int) -> Any:
         table = self.open("image_embeddings")
         if table is None:
@@ -58,6 +76,7 @@ class Gallery:
         if rows.num_rows == 0 and scope is None:
             return
         table = self.ensure(name, rows.schema)
+        _add_missing_columns(table, rows.schema)
         merge = table.merge_insert(KEYS[name]).when_matched_update_all().when_not_matched_insert_all()
         if scope is not None:
             merge = merge.when_not_matched_by_source_delete(scope)
@@ -81,3 +100,15 @@ class Gallery:
         if columns:
             query = query.select(columns)
         return query.limit(None).to_arrow()
+
+
+def _add_missing_columns(table: Any, schema: pa.Schema) -> None:
+    """A table created before a nullable column was declared gets it (all null) before the next write."""
+    have = set(table.schema.names)
+    missing = [f for f in schema if f.name not in have]
+    if not missing:
+        return
+    required = [f.name for f in missing if not f.nullable]
+    if required:
+        raise Refused(f"table {table.name!r} lacks the required column(s) {', '.join(required)}; migrate it first")
+    table.add_columns(missing)

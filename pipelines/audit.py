@@ -223,10 +223,13 @@ class AuditLog:
         return self.key_dir / "witness" / home_tag(self.home)
 
     def head(self) -> Head:
-        folders = sorted({k[len(RECORDS) :].split("/", 1)[0] for k in self.store.list(RECORDS)})
-        if not folders:
+        for folder in reversed(self.store.folders(RECORDS)):  # the last folder with a record holds the head
+            keys = self.store.list(f"{RECORDS}{folder}/")
+            if keys:
+                last = keys[-1]
+                break
+        else:
             return Head(0, GENESIS)
-        last = self.store.list(f"{RECORDS}{folders[-1]}/")[-1]
         record = _parse(self.store.read(last))
         if record is None:
             raise AuditUnavailable(f"the last audit record ({last}) is unreadable: run `gallerymatch audit verify`")

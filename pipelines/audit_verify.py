@@ -36,7 +36,9 @@ def scan(log: AuditLog) -> ChainScan:
             problem = f"record {expected} is missing (the next one present is {key_seq(key)})"
         elif record is None:
             problem = f"record {expected} is not a readable record (altered or torn bytes)"
-        elif record.get("seq") != expected or record_hash(record) != record.get("hash"):
+        elif record.get("seq") != expected:
+            problem = f"record {expected}: its object holds record {record.get('seq')!r} (moved or reordered)"
+        elif record_hash(record) != record.get("hash"):
             problem = f"record {expected}: its content does not match its hash (altered)"
         elif record.get("prev_hash") != prev:
             problem = f"record {expected}: its prev_hash does not match record {expected - 1} (removed or reordered)"

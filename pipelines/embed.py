@@ -14,6 +14,7 @@ import pyarrow as pa
 from lance_tables.schemas import FACES, IMAGES, QUARANTINE, image_embeddings_schema, to_arrow
 from pipelines.clip import ImageEmbedder
 from pipelines.faces import FaceEmbedder
+from pipelines.models import check_model_id
 from pipelines.prepare import PreparedShard
 from pipelines.task import IngestTask, WorkItem
 
@@ -118,20 +119,28 @@ class EmbedStage:
 
 
 def _scopes(prep: PreparedShard, task: IngestTask) -> dict[str, str | None]:
-    """Each commit replaces exactly the rows this shard part owns (stale rows of a rerun go)."""
-    from lance_tables.store import sql_list
+    """Each commit replaces exactly the rows this shard part owns (stale rows of a rerun go).
+
+    Every value goes through `sql_str`: model ids and item ids are never pasted into a predicate."""
+    from lance_tables.store import sql_list, sql_str
 
     ids = sql_list(prep.image_ids or [prep.item.shard_key])
-    stages = ["'shard'", "'decode'"] + (["'face'"] if prep.item.do_face else [])
+    stages = sql_list(["shard", "decode"] + (["face"] if prep.item.do_face else []))
     scopes: dict[str, str | None] = {
-        "quarantine": f"(item_id IN {ids} OR item_id = '{prep.item.shard_key}') AND stage IN ({', '.join(stages)})",
+        "quarantine": f"(item_id IN {ids} OR item_id = {sql_str(prep.item.shard_key)}) AND stage IN {stages}",
         "images": None,
     }
     if prep.item.do_face:
-        scopes["faces"] = f"image_id IN {ids} AND model_id = '{task.face_model}' AND origin = 'detected'"
+        scopes["faces"] = _model_scope(ids, task.face_model, "detected")
     if prep.item.do_image:
-        scopes["image_embeddings"] = f"image_id IN {ids} AND model_id = '{task.image_model}' AND origin = 'embedded'"
+        scopes["image_embeddings"] = _model_scope(ids, task.image_model, "embedded")
     return scopes
+
+
+def _model_scope(ids: str, model_id: str, origin: str) -> str:
+    from lance_tables.store import sql_str
+
+    return f"image_id IN {ids} AND model_id = {sql_str(check_model_id(model_id))} AND origin = {sql_str(origin)}"
 
 
 def _stats(prep: PreparedShard, out: ShardOutput) -> dict[str, Any]:

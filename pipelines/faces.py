@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 CROP_SIZE = 160  # facenet-pytorch's reference: MTCNN(image_size=160, margin=0) feeding InceptionResnetV1
+PNET_WINDOW = 12  # MTCNN's first network looks through a 12 px window: its scale pyramid starts there
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class FaceDetector:
     def __init__(self, min_face_size: int, min_prob: float, max_side: int, batch_size: int, device: str = "cpu"):
         from facenet_pytorch import MTCNN
 
+        self.min_face_size = min_face_size
         self.min_prob = min_prob
         self.max_side = max_side
         self.batch_size = batch_size
@@ -39,13 +41,25 @@ class FaceDetector:
         """One list of faces per image (empty when none), largest face first."""
         scaled = [_downscale(img, self.max_side) for img in images]
         found: list[list[Face]] = [[] for _ in images]
-        order = sorted(range(len(images)), key=lambda i: scaled[i][0].size)
+        searchable = [i for i in range(len(images)) if _searchable(scaled[i][0], self.min_face_size)]
+        order = sorted(searchable, key=lambda i: scaled[i][0].size)
         for _, group in groupby(order, key=lambda i: scaled[i][0].size):
             indices = list(group)
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 self._detect_chunk(chunk, images, scaled, found)
         return found
+
+    def too_small(self, img: Image.Image) -> str | None:
+        """Why no face can be found in this image at all (it is smaller than the smallest face), or None."""
+        scaled, factor = _downscale(img, self.max_side)
+        if _searchable(scaled, self.min_face_size):
+            return None
+        seen = f" (scaled to {scaled.width} x {scaled.height} px for detection)" if factor != 1.0 else ""
+        return (
+            f"image is {img.width} x {img.height} px{seen}, smaller than the minimum face size "
+            f"({self.min_face_size} px) the detector searches for: it cannot hold a detectable face"
+        )
 
     def _detect_chunk(
         self,
@@ -63,6 +77,11 @@ class FaceDetector:
                 if prob is None or float(prob) < self.min_prob:
                     continue
                 found[i].append(_face(images[i], np.asarray(box) / factor, float(prob), np.asarray(marks) / factor))
+
+
+def _searchable(img: Image.Image, min_face_size: int) -> bool:
+    """MTCNN's own test (facenet-pytorch detect_face): with no pyramid scale it fails on an empty list."""
+    return min(img.size) * (PNET_WINDOW / min_face_size) >= PNET_WINDOW
 
 
 def _downscale(img: Image.Image, max_side: int) -> tuple[Image.Image, float]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,39 @@ CLIP_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin
 
 Kind = Literal["face", "image"]
 
+MODEL_TOKEN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+MODEL_ID_PATTERN = re.compile(rf"{MODEL_TOKEN}(?:/{MODEL_TOKEN})?")  # a name, or <architecture>/<tag>
+MAX_MODEL_ID = 128
+MODEL_ID_RULE = (
+    "'<name>' or '<architecture>/<pretrained tag>', each part 1-64 letters, digits, '.', '_' or '-' "
+    f"starting with a letter or digit, at most {MAX_MODEL_ID} characters in all"
+)
+# The widest embedders in use are far narrower (open_clip's widest, SigLIP2 gopt, is 1536-d; face models
+# 128-512). A wider --dim is a typo or a hostile file, and the first import fixes the width of the shared
+# image_embeddings table for every later model; 4096 leaves room for every real model and no more.
+MAX_DIM = 4096
+
+
+def check_model_id(model_id: str) -> str:
+    """The closed grammar of model ids (catalogue, open_clip and imported alike); returns the id.
+
+    Model ids go into paths, Lance predicates and every embedding row, so only plain tokens pass, and the
+    `facenet-` prefix is reserved for the catalogue's face models."""
+    if not isinstance(model_id, str) or len(model_id) > MAX_MODEL_ID or not MODEL_ID_PATTERN.fullmatch(model_id):
+        shown = repr(model_id) if len(repr(model_id)) <= 80 else repr(model_id)[:77] + "..."
+        raise Refused(f"model id {shown} is not a valid model id: use {MODEL_ID_RULE}")
+    if model_id.startswith("facenet-") and model_id not in (*FACENET_FILES, FACE_UNTRAINED):
+        valid = ", ".join([*FACENET_FILES, FACE_UNTRAINED])
+        raise Refused(f"model id {model_id!r}: the 'facenet-' prefix is reserved for the face models {valid}")
+    return model_id
+
+
+def check_dim(dim: int) -> int:
+    """A vector width given by hand (import --dim): 1..MAX_DIM."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= MAX_DIM:
+        raise Refused(f"--dim {dim!r} is out of range: vector widths are 1..{MAX_DIM} (MAX_DIM)")
+    return dim
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -40,6 +74,7 @@ class ModelSpec:
 
 def face_spec(model_id: str) -> ModelSpec:
     """Validate a face model id."""
+    check_model_id(model_id)
     if model_id == FACE_UNTRAINED or model_id in FACENET_FILES:
         return ModelSpec(model_id, "face", FACE_DIM, model_id == FACE_UNTRAINED)
     valid = ", ".join([*FACENET_FILES, FACE_UNTRAINED])
@@ -48,6 +83,7 @@ def face_spec(model_id: str) -> ModelSpec:
 
 def image_spec(model_id: str) -> ModelSpec:
     """Validate an image model id: `clip-untrained` or `<open_clip architecture>/<pretrained tag>`."""
+    check_model_id(model_id)
     if model_id == CLIP_UNTRAINED:  # known width: no need to import open_clip (slow) in the driver
         return ModelSpec(model_id, "image", UNTRAINED_CLIP_DIM, True)
     import open_clip
@@ -160,6 +196,7 @@ def _facenet_missing(model_id: str, models_dir: Path, why: str) -> str:
 
 def clip_weights_file(model_id: str, models_dir: Path) -> Path | None:
     """Local open_clip weights: MODELS_DIR/open_clip/<arch>/<tag>/<file> or <tag>.{safetensors,bin,pt}."""
+    check_model_id(model_id)  # the parts become path components: no '..', no separators
     arch, _, tag = model_id.partition("/")
     folder = models_dir / "open_clip" / arch
     candidates = [folder / tag / name for name in CLIP_WEIGHT_NAMES]

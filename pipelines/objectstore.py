@@ -34,6 +34,9 @@ class ObjectStore(Protocol):
     def read(self, key: str) -> bytes | None:
         """The bytes under `key`, or None when absent."""
 
+    def folders(self, prefix: str) -> list[str]:
+        """The names of the folders directly under `prefix`, sorted (S3: ListObjectsV2 with Delimiter '/')."""
+
     def list(self, prefix: str) -> list[str]:
         """Every key under `prefix` (a folder-like prefix ending in '/', or ''), sorted."""
 
@@ -89,11 +92,21 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
+    def folders(self, prefix: str) -> list[str]:
+        base = self._base(prefix)
+        if not base.is_dir():
+            return []
+        with os.scandir(base) as entries:
+            return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith(TMP))
+
     def list(self, prefix: str) -> list[str]:
-        base = self.root.joinpath(*[p for p in prefix.split("/") if p]) if prefix.strip("/") else self.root
+        base = self._base(prefix)
         if not base.is_dir():
             return []
         return sorted(_walk(base, self.root))
+
+    def _base(self, prefix: str) -> Path:
+        return self.root.joinpath(*[p for p in prefix.split("/") if p]) if prefix.strip("/") else self.root
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -107,9 +120,10 @@ class LocalStore:
 def _walk(base: Path, root: Path) -> Iterator[str]:
     for folder, dirs, files in os.walk(base):
         dirs[:] = [d for d in dirs if not d.startswith(TMP)]
+        rel = os.path.relpath(folder, root).replace(os.sep, "/")  # once per folder: pathlib per file is slow
         for name in files:
             if not name.startswith(TMP):
-                yield Path(folder, name).relative_to(root).as_posix()
+                yield name if rel == "." else f"{rel}/{name}"
 
 
 def _write_synced(path: Path, data: bytes) -> None:

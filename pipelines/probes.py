@@ -12,6 +12,7 @@ import numpy as np
 from pipelines.decode import Decoded, DecodeLimits, decode_image
 from pipelines.errors import Refused
 from pipelines.importer import file_digest, open_embeddings, validate_batch
+from pipelines.models import check_model_id
 from pipelines.shards import PackReport, list_images
 
 ProbeModality = Literal["face", "image"]
@@ -40,6 +41,9 @@ class PhotoModels:
     models_dir: Path
     downloads: bool
     device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_model_id(self.model_id)
 
 
 def probes_from_photos(folder: Path, models: PhotoModels) -> ProbeSet:
@@ -116,13 +120,17 @@ def _image_probes(decoded: list[tuple[str, str, Decoded]], models: PhotoModels, 
         out.report.append({"uri": rel, "probes": [probe_id], "reason": None, "detail": "whole image"})
 
 
-def probes_from_embeddings(path: Path, dim: int) -> ProbeSet:
-    """Probe embeddings (probe_id, embedding, optional subject_id); any bad row refuses the whole file."""
+def probes_from_embeddings(path: Path, dim: int, model_id: str | None = None) -> ProbeSet:
+    """Probe embeddings (probe_id, embedding, optional subject_id); any bad row refuses the whole file.
+
+    `model_id`, when given, is checked against the model id grammar before the file is read."""
+    if model_id is not None:
+        check_model_id(model_id)
     handle = open_embeddings(path, id_column="probe_id")
     key, seen, out, offset = file_digest(path), set[str](), ProbeSet(), 0
     problems: list[str] = []
     for batch in handle.iter_batches(batch_size=65536):
-        checked = validate_batch(batch, dim, seen, key, offset, id_column="probe_id")
+        checked = validate_batch(batch, dim, seen, key, offset, id_column="probe_id", minors="ignore")
         offset += batch.num_rows
         problems += [f"{q['item_id']}: {q['reason']} ({q['detail']})" for q in checked.quarantine]
         for row, vector in zip(checked.rows, checked.vectors, strict=True):

@@ -9,6 +9,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,14 +31,34 @@ SHARD_SCHEMA = pa.schema(
     ]
 )
 REQUIRED_COLUMNS = ("image_id", "image", "source_id")
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # matched in full, never searched
+ID_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+class ShardProblem(ValueError):
+    """A shard that cannot be ingested at all: quarantined whole with this reason."""
+
+    def __init__(self, reason: Reason, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def is_valid_id(value: object) -> bool:
+    """The one id grammar: every stored id must be one that erasure and predicates accept."""
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
 
 
 def check_id(kind: str, value: str) -> str:
     """Opaque ids are short tokens: safe in paths, hive partitions and SQL predicates."""
-    if not ID_PATTERN.match(value):
-        raise Refused(f"{kind} {value!r} is not a valid id: use 1-64 letters, digits, '.', '_' or '-'")
+    if not is_valid_id(value):
+        raise Refused(f"{kind} {_shown(value)} is not a valid id: use {ID_RULE}")
     return value
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass
@@ -95,8 +116,14 @@ def pack_folder(
     rows_per_shard: int,
     max_bytes: int,
     metadata: dict[str, RowMeta] | None = None,
+    default_minor: bool | None = None,
 ) -> PackReport:
-    """Write the folder's images as Parquet shards under SHARDS_DIR/source_id=<id>/."""
+    """Write the folder's images as Parquet shards under SHARDS_DIR/source_id=<id>/.
+
+    `default_minor` is the operator's explicit statement for every image whose minor flag the metadata
+    does not give (not in the CSV, or a blank `minor` cell); None leaves it null, and ingest quarantines
+    such rows (MINOR_UNKNOWN): nobody is silently taken for an adult.
+    """
     check_id("source id", source_id)
     report = PackReport()
     metadata = metadata or {}
@@ -112,12 +139,19 @@ def pack_folder(
             continue
         seen[image_id] = rel
         report.bytes += size
-        rows.append(_row(path, rel, image_id, size, source_id, max_bytes, metadata.get(rel, RowMeta()), report))
+        meta = _with_default_minor(metadata.get(rel, RowMeta()), default_minor)
+        rows.append(_row(path, rel, image_id, size, source_id, max_bytes, meta, report))
     report.distinct = len(rows)
     out_dir = shards_dir / f"source_id={source_id}"
     for start in range(0, len(rows), rows_per_shard):
         report.shards.append(str(_write_shard(out_dir, rows[start : start + rows_per_shard])))
     return report
+
+
+def _with_default_minor(meta: RowMeta, default_minor: bool | None) -> RowMeta:
+    if meta.minor is not None or default_minor is None:
+        return meta
+    return RowMeta(meta.subject_id, default_minor, meta.captured_at)
 
 
 def _row(
@@ -203,10 +237,62 @@ def shard_sources(path: Path) -> set[str]:
     return {v for v in column.to_pylist() if v is not None}
 
 
-def read_shard(path: Path) -> pa.Table:
-    """Read one shard; raises ValueError naming what is wrong when it is not a usable shard."""
+def read_shard(path: Path, allow_undeclared_minors: bool = False) -> pa.Table:
+    """Read one shard, columns conformed to SHARD_SCHEMA; raises ShardProblem when it cannot be ingested.
+
+    A shard without a `minor` column is refused (MINORS_UNDECLARED) unless the operator explicitly allows
+    it, and then every row is taken as not a minor.
+    """
     table = pq.read_table(path)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"missing required column(s): {', '.join(missing)}")
+        raise ShardProblem(Reason.BAD_SHARD, f"missing required column(s): {', '.join(missing)}")
+    state = minor_column_state(table.schema)
+    if state == "absent" and not allow_undeclared_minors:
+        raise ShardProblem(Reason.MINORS_UNDECLARED, MINORS_UNDECLARED_FIX)
+    if state == "absent":
+        table = table.append_column(SHARD_SCHEMA.field("minor"), pa.array([False] * table.num_rows, pa.bool_()))
+    return _conformed(table)
+
+
+MINORS_UNDECLARED_FIX = (
+    "the shard has no 'minor' column, so nobody in it can be kept out of non-child-protection searches: "
+    "re-pack it with a minor flag per image (pack --metadata with a minor column, or pack --minor-default), "
+    "or ingest with allow_undeclared_minors (--allow-undeclared-minors) to take every row as not a minor"
+)
+
+
+def minor_column_state(schema: pa.Schema) -> Literal["declared", "absent", "wrong-type"]:
+    """Whether a file declares minors: a bool column (an all-null column counts: its rows are unknown)."""
+    if "minor" not in schema.names:
+        return "absent"
+    kind = schema.field("minor").type
+    return "declared" if pa.types.is_boolean(kind) or pa.types.is_null(kind) else "wrong-type"
+
+
+def _conformed(table: pa.Table) -> pa.Table:
+    """Known columns cast to their declared types; a column of another kind makes the shard unusable."""
+    for name in SHARD_SCHEMA.names:
+        if name not in table.column_names:
+            continue
+        want, have = SHARD_SCHEMA.field(name).type, table.schema.field(name).type
+        if _family(have) not in ("null", _family(want)):
+            raise ShardProblem(Reason.BAD_SHARD, f"column {name!r} is {have}; a shard's {name} must be {want}")
+        try:
+            column = table.column(name).cast(want)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise ShardProblem(Reason.BAD_SHARD, f"column {name!r} cannot be read as {want}: {exc}") from exc
+        table = table.set_column(table.column_names.index(name), pa.field(name, want), column)
     return table
+
+
+def _family(kind: pa.DataType) -> str:
+    checks = (
+        ("null", pa.types.is_null),
+        ("string", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)),
+        ("binary", lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
+        ("timestamp", pa.types.is_timestamp),
+        ("bool", pa.types.is_boolean),
+        ("int", pa.types.is_integer),
+    )
+    return next((name for name, check in checks if check(kind)), str(kind))

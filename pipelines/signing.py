@@ -6,6 +6,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,8 @@ def load_signer(key_dir: Path) -> Signer:
         raise GalleryMatchError(f"the audit signing key {path} cannot be read ({exc}); restore it from backup") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise GalleryMatchError(f"{path} is not an Ed25519 private key")
+    if not (key_dir / PUBLIC).exists():
+        _publish(key_dir)  # a first use that died between the two files: without it no checkpoint verifies
     return Signer(key_dir, key)
 
 
@@ -119,7 +122,7 @@ def _create_key(key_dir: Path) -> None:
     key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    tmp = key_dir / f".{PRIVATE}.{os.getpid()}"
+    tmp = key_dir / f".{PRIVATE}.{uuid.uuid4().hex}"  # one per caller: threads of one process share a pid
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
@@ -131,8 +134,6 @@ def _create_key(key_dir: Path) -> None:
         pass
     finally:
         tmp.unlink(missing_ok=True)
-    if not (key_dir / PUBLIC).exists():
-        _publish(key_dir)
 
 
 def _publish(key_dir: Path) -> None:
@@ -141,7 +142,14 @@ def _publish(key_dir: Path) -> None:
 
     key = serialization.load_pem_private_key((key_dir / PRIVATE).read_bytes(), password=None)
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    (key_dir / PUBLIC).write_text(raw.hex() + "\n")
+    tmp = key_dir / f".{PUBLIC}.{uuid.uuid4().hex}"
+    tmp.write_text(raw.hex() + "\n")
+    try:
+        os.link(tmp, key_dir / PUBLIC)  # appears whole: a verifier never reads a half-written key
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def home_tag(home: str) -> str:

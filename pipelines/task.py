@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pipelines.decode import DecodeLimits
+from pipelines.models import check_model_id
 from pipelines.settings import Settings
 
 Modality = Literal["face", "image", "all"]
@@ -30,10 +31,20 @@ class IngestTask:
     downloads: bool
     device: str
     erased: frozenset[str] = frozenset()  # sha256 of erased images: never ingested again
+    allow_undeclared_minors: bool = False  # a shard without a minor column: rows taken as not minors
+
+    def __post_init__(self) -> None:
+        check_model_id(self.face_model)  # model ids reach paths and predicates: the closed grammar first
+        check_model_id(self.image_model)
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, modality: Modality, face_model: str | None, image_model: str | None
+        cls,
+        settings: Settings,
+        modality: Modality,
+        face_model: str | None,
+        image_model: str | None,
+        allow_undeclared_minors: bool = False,
     ) -> IngestTask:
         return cls(
             modality=modality,
@@ -49,6 +60,7 @@ class IngestTask:
             models_dir=str(settings.resolved_models_dir),
             downloads=settings.model_downloads,
             device=settings.device,
+            allow_undeclared_minors=allow_undeclared_minors,
         )
 
     @property
@@ -61,14 +73,18 @@ class IngestTask:
 
     def face_part(self) -> str:
         """Ledger name of the face part: the model and every setting that changes its rows."""
-        limits = f"{self.limits.max_bytes}:{self.limits.max_pixels}:{','.join(self.limits.formats)}"
         return (
-            f"face:{self.face_model}:min{self.face_min_size}:p{self.face_min_prob}:side{self.detect_max_side}:{limits}"
+            f"face:{self.face_model}:min{self.face_min_size}:p{self.face_min_prob}:side{self.detect_max_side}:"
+            f"{self._rows_settings()}"
         )
 
     def image_part(self) -> str:
+        return f"image:{self.image_model}:{self._rows_settings()}"
+
+    def _rows_settings(self) -> str:
+        """Decode limits, and the minors override only when given (existing ledgers keep their names)."""
         limits = f"{self.limits.max_bytes}:{self.limits.max_pixels}:{','.join(self.limits.formats)}"
-        return f"image:{self.image_model}:{limits}"
+        return limits + (":undeclared-minors-allowed" if self.allow_undeclared_minors else "")
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,9 @@ class Reason(StrEnum):
     ZERO_VECTOR = "ZERO_VECTOR"
     DUPLICATE_RECORD = "DUPLICATE_RECORD"
     ERASED = "ERASED"
+    INVALID_ID = "INVALID_ID"  # an id erasure could never be asked for: never stored
+    MINORS_UNDECLARED = "MINORS_UNDECLARED"  # a shard with no minor column (fail closed)
+    MINOR_UNKNOWN = "MINOR_UNKNOWN"  # a row whose minor flag is null (fail closed)
 
 
 def check_channel(channel: str) -> str | None:

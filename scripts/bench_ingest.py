@@ -134,7 +134,7 @@ def write_images(folder: Path, count: int) -> int:
 def build_corpus(tmp: Path, count: int, rows_per_shard: int, task: IngestTask) -> Corpus:
     with_faces = write_images(tmp / "images", count)
     shards_dir = tmp / "shards"
-    report = pack_folder(tmp / "images", shards_dir, SOURCE, rows_per_shard, task.limits.max_bytes)
+    report = pack_folder(tmp / "images", shards_dir, SOURCE, rows_per_shard, task.limits.max_bytes, default_minor=False)
     items, _ = plan(task, find_shards(shards_dir), set())
     return Corpus(shards_dir, items, report.distinct, with_faces)
 

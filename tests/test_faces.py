@@ -54,6 +54,20 @@ def test_mixed_batch_with_and_without_faces(detector: FaceDetector) -> None:
     assert [len(f) for f in found] == [1, 0, 1, 2, 0]
 
 
+def test_images_smaller_than_a_face_are_skipped_not_crashed_on(detector: FaceDetector) -> None:
+    """MTCNN's scale pyramid is empty below the minimum face size: torch.cat() of nothing used to fail."""
+    tiny = [Image.new("RGB", size, (128, 90, 60)) for size in ((1, 1), (10, 10), (256, 10))]
+    found = detector.detect([tiny[0], samples.astronaut(), tiny[1], tiny[2]])
+    assert [len(f) for f in found] == [0, 1, 0, 0]
+    assert detector.too_small(tiny[2]) == (
+        "image is 256 x 10 px, smaller than the minimum face size (20 px) the detector searches for: "
+        "it cannot hold a detectable face"
+    )
+    assert detector.too_small(samples.astronaut()) is None
+    narrow = Image.new("RGB", (4000, 30))  # 30 px tall, but 1280 / 4000 * 30 = 9.6 px once downscaled
+    assert "scaled to 1280 x 10 px for detection" in (detector.too_small(narrow) or "")
+
+
 def test_downscaled_detection_reports_original_coordinates() -> None:
     big = samples.astronaut().resize((2048, 2048), Image.Resampling.BILINEAR)
     det = FaceDetector(min_face_size=20, min_prob=0.9, max_side=512, batch_size=4)

@@ -24,14 +24,16 @@ def unit(seed: int, dim: int = 512) -> list[float]:
 
 
 def write(path: Path, rows: list[dict], embedding_type: pa.DataType | None = None) -> Path:
+    """The contract's columns; every row declares its minor flag (not a minor unless the row says so)."""
     schema = pa.schema(
         [
             ("record_id", pa.string()),
             ("embedding", embedding_type or pa.list_(pa.float32())),
             ("subject_id", pa.string()),
+            ("minor", pa.bool_()),
         ]
     )
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    pq.write_table(pa.Table.from_pylist([{"minor": False} | row for row in rows], schema=schema), path)
     return path
 
 

@@ -164,7 +164,7 @@ def test_sigkill_then_rerun_gives_the_rows_of_an_uninterrupted_run(
     tmp_path: Path, sample_folder: Path, reference: tuple[Settings, dict]
 ) -> None:
     shards = tmp_path / "shards"
-    pack_folder(sample_folder, shards, "archive", rows_per_shard=2, max_bytes=50 * MB)
+    pack_folder(sample_folder, shards, "archive", rows_per_shard=2, max_bytes=50 * MB, default_minor=False)
     uninterrupted = make_settings(tmp_path / "clean")
     register(uninterrupted)
     ingest(uninterrupted, shards, engine="local")

@@ -9,6 +9,7 @@ import pytest
 from pipelines.errors import ModelWeightsUnavailable, Refused
 from pipelines.models import (
     FACENET_FILES,
+    clip_weights_file,
     ensure_weights,
     face_spec,
     image_spec,
@@ -73,3 +74,14 @@ def test_untrained_clip_is_labelled_and_reproducible(tmp_path: Path) -> None:
     _, _, first = load_clip_model("clip-untrained", tmp_path, False, "cpu")
     _, _, second = load_clip_model("clip-untrained", tmp_path, False, "cpu")
     assert first == second
+
+
+def test_image_model_tags_are_tokens_not_paths_or_sql(tmp_path: Path) -> None:
+    """A known architecture used to accept any tag: the tag reaches weight paths and Lance predicates."""
+    for model_id in ("ViT-B-32/x' OR origin = 'embedded", "ViT-B-32/../../etc", "ViT-B-32/a/b", "ViT-B-32/tag\n"):
+        with pytest.raises(Refused, match="not a valid model id"):
+            image_spec(model_id)
+        with pytest.raises(Refused, match="not a valid model id"):
+            clip_weights_file(model_id, tmp_path)
+    with pytest.raises(Refused, match="reserved for the face models"):
+        face_spec("facenet-mine")

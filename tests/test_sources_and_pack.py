@@ -47,6 +47,8 @@ def test_provenance_is_required_and_immutable(settings: Settings) -> None:
         add_source(gallery, "s", "operator-owned", "  ", "terms", None)
     with pytest.raises(Refused, match="not a valid id"):
         add_source(gallery, "bad id'; drop", "operator-owned", "b", "t", None)
+    with pytest.raises(Refused, match="not a valid id"):
+        add_source(gallery, "src-1\n", "operator-owned", "b", "t", None)  # re.match with $ accepted this
     add_source(gallery, "s", "operator-owned", "b", "t", None)
     assert not add_source(gallery, "s", "operator-owned", "b", "t", None)["created"]
     with pytest.raises(Refused, match="different provenance"):
@@ -96,4 +98,7 @@ def test_metadata_csv(tmp_path: Path) -> None:
     assert meta["a.jpg"].captured_at is not None and meta["a.jpg"].captured_at.tzinfo is not None
     csv_path.write_text("path,minor\na.jpg,maybe\n")
     with pytest.raises(Refused, match="minor must be true or false"):
+        read_metadata_csv(csv_path)
+    csv_path.write_text("path,subject_id\na.jpg,Jane Doe\n")
+    with pytest.raises(Refused, match="subject id 'Jane Doe' is not a valid id"):
         read_metadata_csv(csv_path)
