@@ -79,7 +79,9 @@ def record_key(seq: int) -> str:
 
 
 def key_seq(key: str) -> int:
-    return int(key.rsplit("/", 1)[-1].removesuffix(".json"))
+    """The sequence number a record key names; -1 for an object that is not a record (planted or renamed)."""
+    name = key.rsplit("/", 1)[-1].removesuffix(".json")
+    return int(name) if name.isascii() and name.isdigit() else -1
 
 
 @dataclass(frozen=True)
@@ -127,10 +129,14 @@ class AuditLog:
     # -- writing -------------------------------------------------------------------------------------------
     def append(self, actor: str, action: str, **fields: Any) -> dict[str, Any]:
         """Add one record and return it; raises `AuditUnavailable` when it cannot be written."""
-        body = {k: bounded(v) for k, v in fields.items() if v is not None}
+        reserved = {"seq", "time", "actor", "action", "prev_hash", "hash"}
+        body = {k: bounded(v) for k, v in fields.items() if v is not None and k not in reserved}
         signer = self._signer()  # no key, no record: an unanchored record would weaken every later check
-        for _ in range(200):
+        witnessed = self._witnessed()  # read before the head: a concurrent writer only moves the head further
+        for attempt in range(200):
             head = self.head()
+            if attempt == 0:
+                self._check_extends(witnessed, head)
             record = {
                 "seq": head.seq + 1,
                 "time": dt.datetime.now(dt.UTC).isoformat(),
@@ -194,6 +200,31 @@ class AuditLog:
         except OSError as exc:
             raise AuditUnavailable(f"the audit trail cannot be written ({exc}); nothing was done") from exc
 
+    def _witnessed(self) -> Checkpoint | None:
+        witness = LocalStore(self.witness_dir)
+        names = witness.list("")
+        data = witness.read(names[-1]) if names else None
+        if data is None:
+            return None
+        try:
+            return Checkpoint.from_json(data)
+        except GalleryMatchError as exc:
+            problem = f"the witness checkpoint {names[-1]} is unreadable; run `gallerymatch audit verify`"
+            raise AuditUnavailable(problem) from exc
+
+    def _check_extends(self, witnessed: Checkpoint | None, head: Head) -> None:
+        """Fail closed: never extend a chain that no longer reaches what the witness vouched for (a cut log
+        extended by new records would otherwise look whole again)."""
+        if witnessed is None or witnessed.count == 0:
+            return
+        record = _parse(self.store.read(record_key(witnessed.count))) if head.seq >= witnessed.count else None
+        if record is None or record.get("hash") != witnessed.head_hash:
+            raise AuditUnavailable(
+                f"the audit log no longer extends its witness (record {witnessed.count} is missing or different): "
+                "records were cut or rewritten. Nothing was done; run `gallerymatch audit verify` and restore the "
+                "log before any further action."
+            )
+
     def _signer(self) -> Signer:
         try:
             return load_signer(self.key_dir)
@@ -204,7 +235,11 @@ class AuditLog:
         """The signed new head goes to the witness (outside the home) and, periodically, into the home."""
         try:
             witness = LocalStore(self.witness_dir)
-            witness.create(f"{checkpoint.count:012d}.json", checkpoint.to_json())
+            name = f"{checkpoint.count:012d}.json"
+            if not witness.create(name, checkpoint.to_json()):
+                held = Checkpoint.from_json(witness.read(name) or b"{}")
+                if held.head_hash != checkpoint.head_hash:
+                    raise AuditUnavailable(f"the witness holds another record {checkpoint.count}: the log was forked")
             for old in witness.list("")[:-WITNESS_KEEP]:
                 witness.delete(old)
             if checkpoint.count % CHECKPOINT_EVERY == 0:

@@ -32,7 +32,9 @@ def scan(log: AuditLog) -> ChainScan:
     for expected, key in enumerate(keys, start=1):
         problem = None
         record = _parse(log.store.read(key))
-        if key != record_key(expected):
+        if key != record_key(expected) and (key_seq(key) < 0 or record_key(key_seq(key)) != key):
+            problem = f"{key} is not a record object but lies among them (planted or renamed)"
+        elif key != record_key(expected):
             problem = f"record {expected} is missing (the next one present is {key_seq(key)})"
         elif record is None:
             problem = f"record {expected} is not a readable record (altered or torn bytes)"
@@ -61,11 +63,17 @@ def verify_chain(
     signed: list[tuple[str, Checkpoint]] = []
     for key in log.store.list(CHECKPOINTS):
         signed.append((f"home checkpoint {key.rsplit('/', 1)[-1]}", _load(log.store.read(key))))
-    witness = LocalStore(log.witness_dir).list("")
-    if witness:
-        signed.append(("the witness checkpoint outside the home", _load(LocalStore(log.witness_dir).read(witness[-1]))))
+    kept = LocalStore(log.witness_dir)
+    witness = kept.list("")
+    for name in witness:  # every kept one: an older checkpoint can contradict a chain cut and extended since
+        signed.append((f"the witness checkpoint {name} outside the home", _load(kept.read(name))))
     if against is not None:
         signed.append(("the checkpoint given with --against", against))
+    elif chain.total and not witness:
+        chain.problems.append(
+            f"no witness checkpoint for this home under {log.key_dir}: cut-off records could not be detected "
+            "(verify where the witness is kept, or pass --against a checkpoint kept elsewhere)"
+        )
     if signed and public_key is None:
         chain.problems.append(f"no public key in {log.key_dir}: signed checkpoints cannot be checked")
     for name, checkpoint in signed:

@@ -13,6 +13,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from test_match import DIM, sign_vectors, write_embeddings
 
+from jobs.audit_job import handed_out, verify_home
 from jobs.import_embeddings import run_import
 from jobs.match import run_match
 from jobs.report import transparency_report
@@ -57,19 +58,29 @@ def test_every_action_leaves_an_audit_record_without_biometrics(tmp_path: Path) 
     wid = submit_probes(settings, tmp_path, vecs[:2], top_k=3)
     run = run_match(settings, wid)
     review_candidate(settings, run["run_id"], "p0", 1, "potential_candidate", "reviewer-a")
-    log = AuditLog(settings.audit_dir)
-    actions = [r["action"] for r in log.records()]
-    assert actions == ["import-embeddings", "watchlist.submit", "match", "review"]
-    match_record = log.records()[2]
-    assert match_record["case_id"] == "CASE-1" and match_record["purpose"] == "fraud-investigation"
-    assert match_record["run_id"] == run["run_id"] and match_record["table_versions"]["image_embeddings"] >= 1
-    raw = log.path.read_text()
+    log = AuditLog.of(settings)
+    records = log.records()
+    actions = [(r["action"], r["phase"]) for r in records]
+    assert actions == [
+        (action, phase)
+        for action in ("import-embeddings", "watchlist.submit", "match", "review")
+        for phase in ("intent", "outcome")
+    ]
+    intent, outcome = records[4], records[5]  # the match: asked for before it ran, its counts after
+    assert intent["case_id"] == "CASE-1" and intent["purpose"] == "fraud-investigation"
+    assert intent["run_id"] == run["run_id"]
+    assert outcome["intent_seq"] == intent["seq"] and outcome["status"] == "ok" and outcome["case_id"] == "CASE-1"
+    assert outcome["table_versions"]["image_embeddings"] >= 1
+    raw = "".join(p.read_text() for p in sorted((settings.home / "audit").rglob("*.json")))
+    assert raw.count('"seq":') == len(records) == 8
     assert "vector" not in raw and "embedding" not in raw.replace("image_embeddings", "").replace(
         "import-embeddings", ""
     )
     floats = {f"{v:.6f}" for v in (vecs[0] / np.linalg.norm(vecs[0])).tolist()}
     assert not any(f in raw for f in floats if f not in ("0.250000", "-0.250000"))  # no vector values
     assert log.verify()["ok"]
+    assert [name for name, _ in handed_out(settings)] == [f"result set {run['run_id']}"]  # the head went out
+    assert verify_home(settings)["ok"]
 
 
 def test_two_different_reviewers_confirm_a_candidate(tmp_path: Path) -> None:
@@ -106,9 +117,10 @@ def test_retention_with_a_fake_clock(tmp_path: Path) -> None:
     with pytest.raises(Refused, match="expired"):
         run_match(settings, wid)
     gone = run_retention(settings, now + dt.timedelta(days=31))
-    assert len(gone["result_sets_deleted"]) == 1 and list_runs(settings.results_dir) == []
+    assert len(gone["result_sets_deleted"]) == 1 and list_runs(settings.store) == []
     assert not any(settings.results_dir.rglob("*.parquet"))
-    assert [r["action"] for r in AuditLog(settings.audit_dir).records()].count("retention") == 3
+    retention = [r for r in AuditLog.of(settings).records() if r["action"] == "retention"]
+    assert [r["status"] for r in retention if r["phase"] == "outcome"] == ["ok"] * 3
 
 
 def test_audit_retention_cannot_go_below_183_days(tmp_path: Path) -> None:

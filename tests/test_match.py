@@ -108,6 +108,15 @@ def test_exact_top_k_equals_brute_force(gallery, tmp_path: Path, k: int) -> None
     assert {g for pairs in got.values() for _, g in pairs} <= set(ids["model-a"])
 
 
+def test_result_rows_name_the_importers_record(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings, vectors, ids = gallery
+    run = run_match(settings, watch(settings, tmp_path, vectors["model-a"][3:4], top_k=60))
+    rows = load_run(settings.store, run["run_id"]).to_pylist()
+    by_id = dict(zip(ids["model-a"], [f"model-a-r{i:03d}" for i in range(60)], strict=True))
+    assert {r["record_id"] for r in rows} == set(by_id.values())  # a data team can join back to its records
+    assert all(r["record_id"] == by_id[r["gallery_id"]] and r["image_id"] is None for r in rows)
+
+
 def test_models_are_never_mixed(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     settings, vectors, ids = gallery
     run = run_match(settings, watch(settings, tmp_path, vectors["model-b"][:3], model="model-b", top_k=60))
