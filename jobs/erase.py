@@ -95,6 +95,14 @@ def erase(
             return _execute(settings, gallery, log, plan, op)
 
 
+def unfinished_erasures(store: ObjectStore) -> list[dict[str, Any]]:
+    """Erasures not finished yet: interrupted (the next writer resumes them) or failed (rerun the erase)."""
+    return [
+        {"receipt_id": p.receipt_id, "failed_checks": len(_failed_attempts(store, p)), "planned_at": p.planned_at}
+        for p in _journals(store)
+    ]
+
+
 def resume_unfinished(settings: Settings, log: AuditLog) -> list[str]:
     """Finish erasures a crash interrupted (not those whose check failed: `erase` retries those)."""
     _drop_unplanned(settings.store)

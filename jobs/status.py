@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from jobs.erase import unfinished_erasures
 from lance_tables.store import Gallery
+from pipelines.audit import AuditLog
 from pipelines.settings import Settings
 
 
@@ -32,4 +34,6 @@ def gallery_status(settings: Settings) -> dict[str, Any]:
         "shards_done": len(set(_counter(gallery, "ledger", "shard_key"))),
         "face_models": _counter(gallery, "faces", "model_id"),
         "image_models": _counter(gallery, "image_embeddings", "model_id"),
+        "actions_without_outcome": [i["seq"] for i, _ in AuditLog.of(settings).open_intents()],
+        "erasures_unfinished": unfinished_erasures(settings.store),
     }
