@@ -45,10 +45,26 @@ def recover_home(settings: Settings, log: AuditLog) -> dict[str, Any]:
     """Idempotent, under the lease: finish interrupted erasures first, then tidy and close the record."""
     from jobs.erase import resume_unfinished
 
+    torn = drop_torn_objects(settings)
     resumed = resume_unfinished(settings, log)
     swept = sweep(settings.store)
     closed = close_dead_intents(settings, log)
-    return {"erasures_resumed": resumed, "result_objects_swept": len(swept), "intents_closed": closed}
+    return {
+        "torn_objects_dropped": torn,
+        "erasures_resumed": resumed,
+        "result_objects_swept": len(swept),
+        "intents_closed": closed,
+    }
+
+
+WRITER_ONLY = ("erasure/", "results/", "manifests/")  # only the lease holder creates objects here
+
+
+def drop_torn_objects(settings: Settings) -> int:
+    """What writers killed inside `create` left in the writer-only folders: a copy of the vectors an erasure
+    journals (failing every later byte scan), a result part. The lease and the audit trail are also written by
+    processes without the lease, so their folders are left alone."""
+    return sum(settings.store.drop_incomplete(prefix) for prefix in WRITER_ONLY)
 
 
 def close_dead_intents(settings: Settings, log: AuditLog) -> list[int]:

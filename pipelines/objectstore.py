@@ -43,6 +43,10 @@ class ObjectStore(Protocol):
     def delete(self, key: str) -> None:
         """Remove `key`; absent keys are fine (every step built on it is idempotent)."""
 
+    def drop_incomplete(self, prefix: str) -> int:
+        """Remove what creates that never finished left under `prefix` (only safe when no writer is creating
+        there: callers hold the writer lease); the number removed."""
+
     def location(self, key: str) -> str:
         """A human-readable address of `key` (a path or URI), for messages and receipts."""
 
@@ -107,6 +111,14 @@ class LocalStore:
 
     def _base(self, prefix: str) -> Path:
         return self.root.joinpath(*[p for p in prefix.split("/") if p]) if prefix.strip("/") else self.root
+
+    def drop_incomplete(self, prefix: str) -> int:
+        base = self._base(prefix)
+        torn = sorted(base.rglob(f"{TMP}-*")) if base.is_dir() else []
+        for path in torn:
+            path.unlink(missing_ok=True)
+            _prune_empty(path.parent, self.root)
+        return len(torn)
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -1,0 +1,176 @@
+"""Writers in several processes at once: they serialise on the home's writer lease, so the same keys are stored
+once and every search gets its own complete run; an erasure refuses at once rather than race another writer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_settings, register
+from helpers import another_writer
+from test_erasure_crash import REPO, embeddings_file, env_for
+
+from jobs.erase import erase
+from jobs.import_embeddings import run_import
+from jobs.match import run_match
+from jobs.watchlist import Submission, submit
+from lance_tables.store import Gallery, sql_list
+from pipelines.audit import AuditLog
+from pipelines.errors import Refused
+from pipelines.results import list_runs, load_run
+from pipelines.settings import Settings
+
+DIM = 32
+# every child imports first, says it is ready, then waits for the same start signal: the writes really overlap
+PRELUDE = (
+    "import sys, time, pathlib\n"
+    "from pipelines.settings import Settings\n"
+    "{imports}\n"
+    "settings = Settings()\n"
+    "pathlib.Path(sys.argv[1]).touch()\n"
+    "while not pathlib.Path(sys.argv[2]).exists():\n"
+    "    time.sleep(0.002)\n"
+)
+IMPORT = PRELUDE.format(imports="from jobs.import_embeddings import run_import") + (
+    "run_import(settings, pathlib.Path(sys.argv[3]), 'archive', 'model-a', 'image', 32)\n"
+)
+MATCH = PRELUDE.format(imports="from jobs.match import run_match") + "run_match(settings, sys.argv[3])\n"
+
+
+def together(settings: Settings, code: str, arg: str, count: int) -> list[subprocess.CompletedProcess[bytes]]:
+    """Run `count` processes of `code` that start their work at the same instant; wait for all of them."""
+    root = settings.home.parent
+    go = root / "go"
+    go.unlink(missing_ok=True)
+    ready = [root / f"ready-{i}" for i in range(count)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(flag), str(go), arg],
+            cwd=REPO,
+            env=env_for(settings),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for flag in ready
+    ]
+    try:
+        deadline = time.monotonic() + 180
+        while not all(flag.exists() for flag in ready):
+            assert all(p.poll() is None for p in procs), [p.communicate()[1].decode()[-2000:] for p in procs]
+            assert time.monotonic() < deadline, "the writers did not start"
+            time.sleep(0.01)
+        go.touch()
+        out = []
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=300)
+            out.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+        return out
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def assert_one_at_a_time(settings: Settings, action: str, count: int) -> None:
+    """The audit trail shows the writers ran one after another: each intent is followed by its own outcome
+    before the next intent (writers that overlapped would write their intents first, then their outcomes)."""
+    records = [r for r in AuditLog.of(settings).records() if r["action"] == action]
+    assert [r["phase"] for r in records] == ["intent", "outcome"] * count
+    for intent, outcome in zip(records[::2], records[1::2], strict=True):
+        assert outcome["intent_seq"] == intent["seq"] and outcome["status"] == "ok"
+
+
+def gallery_file(path: Path, rows: int, seed: int = 1) -> tuple[Path, np.ndarray]:
+    vecs = np.random.default_rng(seed).standard_normal((rows, DIM))
+    return embeddings_file(path, [f"r{i:05d}" for i in range(rows)], list(vecs), [None] * rows), vecs
+
+
+def probe_watchlist(settings: Settings, root: Path, probes: np.ndarray, top_k: int) -> str:
+    path = embeddings_file(
+        root / "p.parquet", [f"p{i}" for i in range(len(probes))], list(probes), [None] * len(probes), "probe_id"
+    )
+    sub = Submission(path, "w", "CASE-2", "fraud-investigation", "basis", "analyst-1", "image", "model-a", top_k=top_k)
+    return str(submit(settings, sub)["watchlist_id"])
+
+
+@pytest.mark.slow
+def test_three_concurrent_imports_of_one_file_store_each_row_once(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "home")
+    register(settings)
+    path, vecs = gallery_file(tmp_path / "g.parquet", 3000)
+    done = together(settings, IMPORT, str(path), 3)
+    assert [d.returncode for d in done] == [0, 0, 0], [d.stderr.decode()[-2000:] for d in done]
+    gallery = Gallery(settings.lance_dir)
+    table = gallery.read("image_embeddings", columns=["embedding_id", "record_id"])
+    keys = table.column("embedding_id").to_pylist()
+    assert len(keys) == 3000 and len(set(keys)) == 3000
+    assert len(set(table.column("record_id").to_pylist())) == 3000
+    wid = probe_watchlist(settings, tmp_path, vecs[:5] + 0.01, top_k=20)
+    rows = load_run(settings.store, run_match(settings, wid)["run_id"]).to_pylist()
+    assert len(rows) == 5 * 20
+    for probe in {r["probe_id"] for r in rows}:
+        ids = [r["gallery_id"] for r in rows if r["probe_id"] == probe]
+        assert len(ids) == len(set(ids)), probe  # no gallery row listed twice
+    assert_one_at_a_time(settings, "import-embeddings", 3)
+    report = AuditLog.of(settings).verify()
+    assert report["ok"] and report["incomplete_actions"] == []
+
+
+def small_gallery(root: Path) -> tuple[Settings, np.ndarray]:
+    settings = make_settings(root / "home")
+    register(settings)
+    path, vecs = gallery_file(root / "g.parquet", 300)
+    run_import(settings, path, "archive", "model-a", "image", DIM)
+    return settings, vecs
+
+
+@pytest.mark.slow
+def test_two_concurrent_matches_of_one_watchlist_give_two_whole_runs(tmp_path: Path) -> None:
+    settings, vecs = small_gallery(tmp_path)
+    wid = probe_watchlist(settings, tmp_path, vecs[:4] + 0.01, top_k=5)
+    done = together(settings, MATCH, wid, 2)
+    assert [d.returncode for d in done] == [0, 0], [d.stderr.decode()[-2000:] for d in done]
+    runs = [m for m in list_runs(settings.store) if m["watchlist_id"] == wid]
+    assert len(runs) == 2 and runs[0]["run_id"] != runs[1]["run_id"]
+    tables = [load_run(settings.store, m["run_id"]) for m in runs]
+    assert [t.num_rows for t in tables] == [20, 20]
+    stable, order = ["probe_id", "rank", "gallery_id"], [("probe_id", "ascending"), ("rank", "ascending")]
+    assert tables[0].select(stable).sort_by(order).equals(tables[1].select(stable).sort_by(order))
+    assert_one_at_a_time(settings, "match", 2)
+    report = AuditLog.of(settings).verify()
+    assert report["ok"] and report["incomplete_actions"] == []
+
+
+def test_erase_refuses_while_another_writer_holds_the_lease(tmp_path: Path) -> None:
+    settings, _ = small_gallery(tmp_path)
+    path, _ = gallery_file(tmp_path / "s.parquet", 1, seed=9)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    table = table.set_column(table.schema.get_field_index("subject_id"), "subject_id", pa.array(["subj-x"]))
+    table = table.set_column(0, "record_id", pa.array(["x-1"]))
+    pq.write_table(table, path)
+    run_import(settings, path, "archive", "model-a", "image", DIM)
+    gallery = Gallery(settings.lance_dir)
+    records = len(AuditLog.of(settings).records())
+    impatient = make_settings(settings.home, lock_wait_s=0.5)
+    with another_writer(settings):
+        started = time.monotonic()
+        with pytest.raises(Refused, match="another writer"):
+            erase(settings, "request", "dpo-1", subject_id="subj-x")
+        assert time.monotonic() - started < 5  # at once: erasure never waits behind a writer it cannot see
+        with pytest.raises(Refused, match="waited"):  # an ordinary writer waits, then gives up, doing nothing
+            run_import(impatient, path, "archive", "model-a", "image", DIM)
+    assert gallery.count("image_embeddings") == 301
+    assert gallery.count("image_embeddings", f"subject_id IN {sql_list(['subj-x'])}") == 1
+    assert not (settings.home / "erasure").exists()  # no plan, no journal, no receipt
+    assert len(AuditLog.of(settings).records()) == records  # nothing was done, so nothing is recorded
+    receipt = erase(settings, "request", "dpo-1", subject_id="subj-x")  # the holder is gone: its lease is stale
+    assert receipt["ok"] and receipt["removed_rows"]["image_embeddings"] == 1
+    assert gallery.count("image_embeddings") == 300
