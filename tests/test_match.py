@@ -330,3 +330,18 @@ def test_ivf_pq_refused_on_a_tiny_gallery(gallery, tmp_path: Path) -> None:  # t
     settings, vectors, _ = gallery
     with pytest.raises(Refused, match="too few for an IVF_PQ index"):
         run_match(settings, watch(settings, tmp_path, vectors["model-a"][:1]), method="ivf_pq")
+
+
+def test_an_export_into_the_home_is_refused(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from jobs.admin import export_run
+
+    settings, vectors, _ = gallery
+    run = run_match(settings, watch(settings, tmp_path, vectors["model-a"][:2], top_k=3))
+    before = len(AuditLog.of(settings).records())
+    for target in (settings.results_dir, settings.home, settings.home / "exports"):
+        with pytest.raises(Refused, match="inside GALLERYMATCH_HOME"):
+            export_run(settings, run["run_id"], target, "unit-1")
+    assert len(list(settings.results_dir.rglob("*.parquet"))) == 1  # nothing doubled what the API reads
+    assert len(AuditLog.of(settings).records()) == before
+    done = export_run(settings, run["run_id"], tmp_path / "out", "unit-1")
+    assert done["rows"] == 6 and len(list((tmp_path / "out").rglob("part-*.parquet"))) == 1
