@@ -29,6 +29,7 @@ from pipelines.signing import Checkpoint, Signer, home_tag, load_signer, public_
 GENESIS = "0" * 64
 RECORDS = "audit/records/"
 CHECKPOINTS = "audit/checkpoints/"
+LEGACY = "audit/audit.jsonl"  # the one-file log of homes made before records became objects: adopted verbatim
 OPEN = "audit/open/"  # one marker per intent still without an outcome: recovery lists these, not the chain
 BUCKET = 10_000  # records per folder: the head is found by listing the last folder only
 MAX_RECORD_BYTES = 16_384
@@ -132,6 +133,7 @@ class AuditLog:
         reserved = {"seq", "time", "actor", "action", "prev_hash", "hash"}
         body = {k: bounded(v) for k, v in fields.items() if v is not None and k not in reserved}
         signer = self._signer()  # no key, no record: an unanchored record would weaken every later check
+        self._adopt_legacy()
         witnessed = self._witnessed()  # read before the head: a concurrent writer only moves the head further
         for attempt in range(200):
             head = self.head()
@@ -199,6 +201,25 @@ class AuditLog:
             raise AuditUnavailable(f"the audit trail cannot be written ({exc}); nothing was done") from exc
         except OSError as exc:
             raise AuditUnavailable(f"the audit trail cannot be written ({exc}); nothing was done") from exc
+
+    def _adopt_legacy(self) -> None:
+        """A home from before one-object-per-record: its verified JSON-lines log becomes records 1..n, byte for
+        byte (same hashes), so the chain continues from it. Idempotent; a broken legacy log stops every action."""
+        data = self.store.read(LEGACY)
+        lines = [line for line in (data or b"").splitlines() if line.strip()]
+        if not lines or len(self.store.list(RECORDS)) >= len(lines):
+            return
+        prev = GENESIS
+        for seq, line in enumerate(lines, start=1):  # the whole legacy chain is checked before any record is made
+            record = _parse(line)
+            if record is None or record.get("seq") != seq or record.get("prev_hash") != prev:
+                raise AuditUnavailable(f"the legacy audit log {LEGACY} is broken at record {seq}; nothing was done")
+            if record_hash(record) != record["hash"]:
+                raise AuditUnavailable(f"the legacy audit log {LEGACY} is altered at record {seq}; nothing was done")
+            prev = str(record["hash"])
+        for seq, line in enumerate(lines, start=1):
+            if not self._create(record_key(seq), line) and self.store.read(record_key(seq)) != line:
+                raise AuditUnavailable(f"record {seq} differs from the legacy audit log {LEGACY}; nothing was done")
 
     def _witnessed(self) -> Checkpoint | None:
         witness = LocalStore(self.witness_dir)

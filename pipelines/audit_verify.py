@@ -57,9 +57,14 @@ def scan(log: AuditLog) -> ChainScan:
 def verify_chain(
     log: AuditLog, anchors: list[tuple[str, Head]], against: Checkpoint | None, public_key: str | None
 ) -> dict[str, Any]:
-    from pipelines.audit import CHECKPOINTS, Head
+    from pipelines.audit import CHECKPOINTS, LEGACY, Head
 
     chain = scan(log)
+    legacy = [line for line in (log.store.read(LEGACY) or b"").splitlines() if line.strip()]
+    if len(legacy) > chain.total:
+        chain.problems.append(
+            f"the legacy log {LEGACY} holds {len(legacy)} records the chain does not (the next action adopts them)"
+        )
     signed: list[tuple[str, Checkpoint]] = []
     for key in log.store.list(CHECKPOINTS):
         signed.append((f"home checkpoint {key.rsplit('/', 1)[-1]}", _load(log.store.read(key))))

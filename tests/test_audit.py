@@ -653,3 +653,33 @@ def test_a_key_folder_linked_into_the_home_is_refused(tmp_path: Path) -> None:
     link.symlink_to(home / "keys")
     with pytest.raises(Refused, match="inside GALLERYMATCH_HOME"):
         _ = Settings(home=home, audit_key_dir=link).resolved_audit_key_dir
+
+
+def test_a_legacy_one_file_log_is_adopted_into_the_chain(tmp_path: Path) -> None:
+    """A home made before records became objects keeps its history: the old lines become records 1..n."""
+    import hashlib as _hashlib
+    import json as _json
+
+    settings = make_settings(tmp_path / "home")
+    prev, lines = "0" * 64, []
+    for seq in range(1, 4):
+        record = {"seq": seq, "time": "2026-11-01T00:00:00+00:00", "actor": "a", "action": "match", "prev_hash": prev}
+        body = _json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+        record["hash"] = prev = _hashlib.sha256(body).hexdigest()
+        lines.append(_json.dumps(record, sort_keys=True, separators=(",", ":")).encode())
+    legacy = settings.home / "audit" / "audit.jsonl"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_bytes(b"\n".join(lines) + b"\n")
+    log = AuditLog.of(settings)
+    assert "legacy log" in " ".join(log.verify()["problems"])  # not silently ignored before adoption
+    log.append("b", "review")
+    records = log.records()
+    assert [r["seq"] for r in records] == [1, 2, 3, 4] and records[3]["prev_hash"] == prev
+    assert log.verify()["ok"]
+    lines[1] = lines[1].replace(b'"match"', b'"matcH"')  # an altered legacy log is never adopted
+    other = make_settings(tmp_path / "home2")
+    (other.home / "audit").mkdir(parents=True)
+    (other.home / "audit" / "audit.jsonl").write_bytes(b"\n".join(lines))
+    with pytest.raises(AuditUnavailable, match="altered at record 2"):
+        AuditLog.of(other).append("b", "review")
+    assert other.store.list("audit/records/") == []

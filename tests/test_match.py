@@ -345,3 +345,23 @@ def test_an_export_into_the_home_is_refused(gallery, tmp_path: Path) -> None:  #
     assert len(AuditLog.of(settings).records()) == before
     done = export_run(settings, run["run_id"], tmp_path / "out", "unit-1")
     assert done["rows"] == 6 and len(list((tmp_path / "out").rglob("part-*.parquet"))) == 1
+
+
+def test_result_sets_written_before_generations_still_read(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Runs of older homes (`part-00000.parquet`, manifest `<run>.json`) list, load and survive the sweep."""
+    import json
+
+    from pipelines.results import sweep
+
+    settings, vectors, _ = gallery
+    run = run_match(settings, watch(settings, tmp_path, vectors["model-a"][:2], top_k=3))
+    (part,) = settings.results_dir.rglob("part-*.parquet")
+    part.rename(part.with_name("part-00000.parquet"))
+    (manifest,) = (settings.home / "manifests").rglob("*.json")
+    body = json.loads(manifest.read_text())
+    body["parts"][0]["file"] = "part-00000.parquet"
+    body.pop("generation")
+    manifest.with_name(f"{run['run_id']}.json").write_text(json.dumps(body))
+    manifest.unlink()
+    assert sweep(settings.store) == []
+    assert load_run(settings.store, run["run_id"]).num_rows == 6
