@@ -44,25 +44,13 @@ def pack_images(
         require_registered(Gallery(settings.lance_dir), {source_id})
         meta = read_metadata_csv(metadata) if metadata else None
         with log.action(settings.actor, "pack", source_id=source_id, default_minor=default_minor) as op:
-            report = _pack(settings, images_dir, shards_dir, source_id, rows_per_shard, meta, default_minor)
+            size = rows_per_shard or settings.rows_per_shard
+            report = pack_folder(
+                images_dir, shards_dir, source_id, size, settings.max_image_bytes, meta, default_minor=default_minor
+            )
             counts = {"files": report.files, "distinct": report.distinct, "duplicates": report.duplicates}
             op.record(inputs_digest=digest(report.shards), counts=counts | {"shards": len(report.shards)})
     return report
-
-
-def _pack(
-    settings: Settings,
-    images_dir: Path,
-    shards_dir: Path,
-    source_id: str,
-    rows_per_shard: int | None,
-    meta: Any,
-    default_minor: bool | None,
-) -> PackReport:
-    size = rows_per_shard or settings.rows_per_shard
-    return pack_folder(
-        images_dir, shards_dir, source_id, size, settings.max_image_bytes, meta, default_minor=default_minor
-    )
 
 
 def close(settings: Settings, watchlist_id: str, closed_by: str) -> dict[str, Any]:

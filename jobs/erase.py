@@ -22,6 +22,7 @@ import pyarrow as pa
 from jobs.erase_steps import TABLES, affected_runs, checks, find_rows, rewrite_runs, selectors
 from lance_tables.erasure import ERASED, delete_keys, present, purge, tagged
 from lance_tables.reviews import delete_reviews
+from lance_tables.schemas import KEYS
 from lance_tables.store import Gallery
 from pipelines.audit import AuditLog, Outcome
 from pipelines.errors import GalleryMatchError, Refused
@@ -33,13 +34,6 @@ from pipelines.shards import check_id
 
 JOURNAL = "erasure/journal/"
 RECEIPTS = "erasure/receipts/"
-KEY = {
-    "images": "image_id",
-    "faces": "face_id",
-    "image_embeddings": "embedding_id",
-    "quarantine": "quarantine_id",
-    "probes": "probe_key",
-}
 
 
 @dataclass
@@ -176,7 +170,7 @@ def _execute(settings: Settings, gallery: Gallery, log: AuditLog, plan: Plan, op
     _step(store, plan, "block-reingest", lambda: _block_reingest(gallery, plan))
     rewritten = _step(store, plan, "rewrite-results", lambda: {"runs": rewrite_runs(store, plan)})
     _step(store, plan, "purge", lambda: {n: purge(gallery, n) for n in (*TABLES, "reviews", "erased")})
-    if store.read(RECEIPTS + plan.receipt_id + ".json") is None:
+    if store.read(_receipt_key(plan)) is None:
         result = checks(settings, gallery, plan, _vectors(store, plan))
         if not all(c["passed"] for c in result):
             attempt = len(_failed_attempts(store, plan)) + 1
@@ -188,13 +182,12 @@ def _execute(settings: Settings, gallery: Gallery, log: AuditLog, plan: Plan, op
             )
         _write_receipt(store, _receipt(gallery, plan, rewritten, result, op))
         crash_point("erase:after-receipt")
-    receipt = json.loads(store.read(RECEIPTS + plan.receipt_id + ".json") or b"{}")
+    receipt = _stored_receipt(store, plan.receipt_id)
     store.delete(plan.prefix + "vectors.npz")  # the plan must not keep the erased vectors
     crash_point("erase:before-done")
     store.create(plan.prefix + "done.json", b"{}")
-    sha = hashlib.sha256(store.read(RECEIPTS + plan.receipt_id + ".json") or b"").hexdigest()
-    op.record(receipt_id=plan.receipt_id, receipt_hash=sha, counts=receipt.get("removed_rows"))
-    return dict(receipt) | {"receipt_sha256": sha}
+    op.record(receipt_id=plan.receipt_id, receipt_hash=receipt["receipt_sha256"], counts=receipt.get("removed_rows"))
+    return receipt
 
 
 def _step(store: ObjectStore, plan: Plan, name: str, work: Any) -> dict[str, Any]:
@@ -212,9 +205,9 @@ def _step(store: ObjectStore, plan: Plan, name: str, work: Any) -> dict[str, Any
 
 def _delete_rows(gallery: Gallery, plan: Plan) -> dict[str, Any]:
     for name in TABLES:
-        delete_keys(gallery, name, KEY[name], plan.keys.get(name, []))
+        delete_keys(gallery, name, KEYS[name], plan.keys.get(name, []))
         crash_point(f"erase:deleted-{name}")
-    left = {name: present(gallery, name, KEY[name], plan.keys.get(name, [])) for name in TABLES}
+    left = {name: present(gallery, name, KEYS[name], plan.keys.get(name, [])) for name in TABLES}
     if any(left.values()):
         raise GalleryMatchError(f"rows still present after the delete: {left}; rerun the erase")
     return {"left": left}
@@ -248,7 +241,12 @@ def _receipt(
     }
 
 
+def _receipt_key(plan: Plan) -> str:
+    return RECEIPTS + plan.receipt_id + ".json"
+
+
 def _stored_receipt(store: ObjectStore, receipt_id: str) -> dict[str, Any]:
+    """The receipt as written, with the sha256 of its bytes (the digest the audit outcome records)."""
     data = store.read(RECEIPTS + receipt_id + ".json") or b"{}"
     return dict(json.loads(data)) | {"receipt_sha256": hashlib.sha256(data).hexdigest()}
 

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lance_tables.erasure import kept_vector_bytes, present, vector_patterns
+from lance_tables.schemas import KEYS
 from lance_tables.store import Gallery, sql_list
 from pipelines.errors import Refused
 from pipelines.faults import crash_point
@@ -158,7 +159,6 @@ def scan_hits(root: Path, patterns: list[bytes], skip: set[Path]) -> list[tuple[
 
 
 def checks(settings: Settings, gallery: Gallery, plan: Plan, vectors: list[np.ndarray]) -> list[dict[str, Any]]:
-    from jobs.erase import KEY
 
     patterns = vector_patterns(vectors)
     shared = kept_vector_bytes(gallery, VECTOR_TABLES, {patterns[i] for i in range(0, len(patterns), 2)})
@@ -166,7 +166,7 @@ def checks(settings: Settings, gallery: Gallery, plan: Plan, vectors: list[np.nd
     hits = scan_hits(settings.home.expanduser().resolve(), patterns, journal)
     kept = {i for i in range(len(patterns)) if patterns[i - i % 2] in shared}
     failing = sorted({f for f, i in hits if i not in kept})
-    left = {n: present(gallery, n, KEY[n], plan.keys.get(n, [])) for n in plan.keys}
+    left = {n: present(gallery, n, KEYS[n], plan.keys.get(n, [])) for n in plan.keys}
     versions = {n: len(t.list_versions()) for n in TABLES if (t := gallery.open(n)) is not None}
     named = affected_runs(settings.store, set(plan.gallery_ids), set(plan.image_ids), {(w, p) for w, p in plan.probes})
     return [

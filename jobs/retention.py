@@ -10,7 +10,7 @@ import datetime as dt
 from typing import Any
 
 from jobs.session import writer_session
-from lance_tables.erasure import purge
+from lance_tables.erasure import delete_keys, purge
 from lance_tables.schemas import WATCHLISTS, to_arrow
 from lance_tables.store import Gallery, sql_list
 from lance_tables.watchlists import list_watchlists
@@ -76,8 +76,7 @@ def _erase_probes(gallery: Gallery, watchlists: list[dict[str, Any]], now: dt.da
     if table is None:
         return []
     holding = [i for i in ids if gallery.count("probes", f"watchlist_id IN {sql_list([i])}")]
-    for start in range(0, len(holding), 500):
-        table.delete(f"watchlist_id IN {sql_list(holding[start : start + 500])}")
+    delete_keys(gallery, "probes", "watchlist_id", holding)
     crash_point("retention:after-probe-delete")
     if holding or len(table.list_versions()) > 1:  # also finishes a purge a crash interrupted
         purge(gallery, "probes", delete_unverified=False)  # the probe vectors are physically gone

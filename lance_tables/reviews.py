@@ -9,6 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from lance_tables.erasure import delete_keys
 from lance_tables.store import Gallery, sql_list
 from pipelines.errors import Refused
 
@@ -92,8 +93,7 @@ def delete_reviews(gallery: Gallery, gallery_ids: list[str], run_probes: list[tu
     if table is None:
         return 0
     before = table.count_rows()
-    for start in range(0, len(gallery_ids), 500):
-        table.delete(f"gallery_id IN {sql_list(gallery_ids[start : start + 500])}")
+    delete_keys(gallery, "reviews", "gallery_id", gallery_ids)
     for start in range(0, len(run_probes), 100):
         pairs = run_probes[start : start + 100]
         table.delete(" OR ".join(f"(run_id IN {sql_list([r])} AND probe_id IN {sql_list([p])})" for r, p in pairs))
