@@ -15,6 +15,7 @@ from pipelines.errors import Refused
 from pipelines.results import part_keys, require_run
 from pipelines.settings import Settings
 from pipelines.shards import PackReport, check_id, pack_folder, read_metadata_csv
+from pipelines.storage import filesystem_for
 
 
 def register_source(
@@ -23,7 +24,7 @@ def register_source(
     actor = check_id("registered-by id", registered_by) if registered_by is not None else settings.actor
     check_id("source id", source_id)
     with writer_session(settings, "sources.add") as log:
-        gallery = Gallery(settings.lance_dir)
+        gallery = Gallery(settings.storage)
         with log.action(actor, "sources.add", source_id=source_id, channel=channel) as op:
             row = add_source(gallery, source_id, channel, legal_basis, terms, registered_by)
             op.record(created=row["created"], table_versions=table_versions(gallery, ("sources",)))
@@ -41,7 +42,7 @@ def pack_images(
 ) -> PackReport:
     """Pack under the lease (its shards are content-named, so a rerun writes the same files)."""
     with writer_session(settings, "pack") as log:
-        require_registered(Gallery(settings.lance_dir), {source_id})
+        require_registered(Gallery(settings.storage), {source_id})
         meta = read_metadata_csv(metadata) if metadata else None
         with log.action(settings.actor, "pack", source_id=source_id, default_minor=default_minor) as op:
             size = rows_per_shard or settings.rows_per_shard
@@ -56,7 +57,7 @@ def pack_images(
 def close(settings: Settings, watchlist_id: str, closed_by: str) -> dict[str, Any]:
     check_id("closed-by id", closed_by)
     with writer_session(settings, "watchlist.close") as log:
-        gallery = Gallery(settings.lance_dir)
+        gallery = Gallery(settings.storage)
         from lance_tables.watchlists import get_watchlist
 
         wl = get_watchlist(gallery, watchlist_id)
@@ -67,24 +68,33 @@ def close(settings: Settings, watchlist_id: str, closed_by: str) -> dict[str, An
     return record
 
 
-def export_run(settings: Settings, run_id: str, to: Path, requested_by: str) -> dict[str, Any]:
-    """Copy one result set out of the home (never into it: that would double what the API reads)."""
+def export_run(settings: Settings, run_id: str, to: str | Path, requested_by: str) -> dict[str, Any]:
+    """Copy one result set out of the home (never into it: that would double what the API reads).
+
+    `to` is a local folder or an s3:// URI (reached with the same AWS_* variables as the home)."""
     check_id("requester id", requested_by)
-    home, target_root = settings.home.expanduser().resolve(), to.expanduser().resolve()
-    if target_root == home or home in target_root.parents:
-        raise Refused(f"--to {to} is inside GALLERYMATCH_HOME ({home}); export to a folder outside the home")
+    storage = settings.storage
+    if storage.contains(to):
+        raise Refused(f"--to {to} is inside GALLERYMATCH_HOME ({storage.uri}); export to a folder outside the home")
+    fs, target_root = filesystem_for(to)
     manifest = require_run(settings.store, run_id)
-    target = target_root / f"watchlist_id={manifest['watchlist_id']}" / f"run_id={run_id}"
+    target = f"{target_root}/watchlist_id={manifest['watchlist_id']}/run_id={run_id}"
     fields = {
         "case_id": manifest["case_id"],
         "purpose": manifest.get("purpose"),
         "watchlist_id": manifest["watchlist_id"],
     }
     with AuditLog.of(settings).action(requested_by, "results.export", run_id=run_id, **fields) as op:
-        target.mkdir(parents=True, exist_ok=True)
+        fs.create_dir(target, recursive=True)
         for name in part_keys(manifest):
-            (target / name.rsplit("/", 1)[-1]).write_bytes(settings.store.read(name) or b"")
+            _write(fs, f"{target}/{name.rsplit('/', 1)[-1]}", settings.store.read(name) or b"")
         body = {k: v for k, v in manifest.items() if k not in ("path", "manifest_key")}
-        (target_root / f"{run_id}.manifest.json").write_text(json.dumps(body, indent=2, default=str))
+        _write(fs, f"{target_root}/{run_id}.manifest.json", json.dumps(body, indent=2, default=str).encode())
         op.record(counts={"rows": manifest["rows"]})
-    return {"run_id": run_id, "path": str(target), "rows": manifest["rows"]}
+    shown = f"s3://{target}" if str(to).startswith("s3://") else target
+    return {"run_id": run_id, "path": shown, "rows": manifest["rows"]}
+
+
+def _write(fs: Any, path: str, data: bytes) -> None:
+    with fs.open_output_stream(path) as out:
+        out.write(data)

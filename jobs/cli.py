@@ -72,7 +72,7 @@ def sources_list(as_json: JsonOpt = False) -> None:
     from lance_tables.sources import list_sources
     from lance_tables.store import Gallery
 
-    rows = list_sources(Gallery(_settings().lance_dir))
+    rows = list_sources(Gallery(_settings().storage))
     _emit(
         {"sources": rows},
         as_json,
@@ -260,7 +260,7 @@ def watchlist_list(as_json: JsonOpt = False) -> None:
     from lance_tables.store import Gallery
     from lance_tables.watchlists import list_watchlists
 
-    rows = list_watchlists(Gallery(_settings().lance_dir))
+    rows = list_watchlists(Gallery(_settings().storage))
     _emit(
         {"watchlists": rows},
         as_json,
@@ -280,7 +280,7 @@ def watchlist_show(watchlist_id: str, as_json: JsonOpt = False) -> None:
     from lance_tables.store import Gallery
     from lance_tables.watchlists import get_watchlist, read_probes
 
-    gallery = Gallery(_settings().lance_dir)
+    gallery = Gallery(_settings().storage)
     record = get_watchlist(gallery, watchlist_id)
     probes, _ = read_probes(gallery, watchlist_id)
     _emit(record | {"probe_list": probes}, as_json, lambda r: _lines({k: v for k, v in r.items() if k != "probe_list"}))

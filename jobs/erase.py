@@ -20,15 +20,15 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.erase_steps import TABLES, affected_runs, checks, find_rows, rewrite_runs, selectors
-from lance_tables.erasure import ERASED, delete_keys, present, purge, tagged
+from lance_tables.erasure import delete_keys, present, purge, tagged
 from lance_tables.reviews import delete_reviews
-from lance_tables.schemas import KEYS
 from lance_tables.store import Gallery
 from pipelines.audit import AuditLog, Outcome
 from pipelines.errors import GalleryMatchError, Refused
 from pipelines.faults import crash_point
 from pipelines.objectstore import ObjectStore
 from pipelines.results import list_runs
+from pipelines.schemas import ERASED, KEYS
 from pipelines.settings import Settings
 from pipelines.shards import check_id
 
@@ -73,7 +73,7 @@ def erase(
     selector = selectors(image_id, subject_id, source_id)
     pending = [p.receipt_id for p in _journals(settings.store) if p.selector == selector.ids]  # read only
     with writer_session(settings, "erase", exclusive=True) as log:
-        gallery = Gallery(settings.lance_dir)
+        gallery = Gallery(settings.storage)
         blocked = tagged(gallery, [*TABLES, "erased", "reviews"])
         if blocked:
             raise Refused(f"tagged versions pin old data ({blocked}); delete the tags first. Nothing was removed.")
@@ -104,7 +104,7 @@ def resume_unfinished(settings: Settings, log: AuditLog) -> list[str]:
     for plan in _journals(settings.store):
         if _failed_attempts(settings.store, plan):
             continue
-        gallery = Gallery(settings.lance_dir)
+        gallery = Gallery(settings.storage)
         _run(settings, gallery, log, plan, plan.requested_by, resumed=True)
         done.append(plan.receipt_id)
     return done

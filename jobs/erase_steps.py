@@ -11,13 +11,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lance_tables.erasure import kept_vector_bytes, present, vector_patterns
-from lance_tables.schemas import KEYS
-from lance_tables.store import Gallery, sql_list
+from lance_tables.store import Gallery
 from pipelines.errors import Refused
 from pipelines.faults import crash_point
 from pipelines.objectstore import ObjectStore
 from pipelines.results import list_runs, read_run, sweep, write_result_set
+from pipelines.schemas import KEYS
 from pipelines.shards import check_id
+from pipelines.sql import sql_list
 
 if TYPE_CHECKING:
     from jobs.erase import Plan
@@ -163,7 +164,7 @@ def checks(settings: Settings, gallery: Gallery, plan: Plan, vectors: list[np.nd
     patterns = vector_patterns(vectors)
     shared = kept_vector_bytes(gallery, VECTOR_TABLES, {patterns[i] for i in range(0, len(patterns), 2)})
     journal = {Path(settings.store.location(plan.prefix + "vectors.npz"))}
-    hits = scan_hits(settings.home.expanduser().resolve(), patterns, journal)
+    hits = scan_hits(settings.local_home, patterns, journal)
     kept = {i for i in range(len(patterns)) if patterns[i - i % 2] in shared}
     failing = sorted({f for f, i in hits if i not in kept})
     left = {n: present(gallery, n, KEYS[n], plan.keys.get(n, [])) for n in plan.keys}

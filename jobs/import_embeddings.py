@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lance_tables.schemas import FACES, QUARANTINE, image_embeddings_schema, to_arrow
 from lance_tables.sources import require_registered
 from lance_tables.store import Gallery
 from pipelines.audit import table_versions
@@ -24,6 +23,7 @@ from pipelines.importer import (
     validate_batch,
 )
 from pipelines.models import FACE_DIM, check_dim, check_model_id, face_spec, image_spec
+from pipelines.schemas import FACES, QUARANTINE, image_embeddings_schema, to_arrow
 from pipelines.settings import Settings
 from pipelines.shards import check_id
 
@@ -73,7 +73,7 @@ def run_import(
     check_model_id(model_id)
     check_id("source id", source_id)
     with writer_session(settings, "import-embeddings") as log:
-        gallery = Gallery(settings.lance_dir)
+        gallery = Gallery(settings.storage)
         require_registered(gallery, {source_id})
         handle = open_embeddings(path)
         minors = check_minor_column(handle, path, allow_undeclared_minors)

@@ -76,7 +76,7 @@ def run_ingest(
 
         start_ray(settings.ray_address, settings.ray_num_cpus)
     with writer_session(settings, "ingest") as log:
-        gallery = Gallery(settings.lance_dir)
+        gallery = Gallery(settings.storage)
         task = dataclasses.replace(task, erased=erased_ids(gallery))
         shards = find_shards(shards_dir)
         require_registered(gallery, set().union(*(shard_sources(p) for p in shards)))

@@ -10,14 +10,16 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.session import writer_session
-from lance_tables.store import Gallery, sql_list
+from lance_tables.store import Gallery
 from lance_tables.watchlists import get_watchlist, read_probes
 from pipelines.audit import digest
 from pipelines.errors import Refused
 from pipelines.match_unit import MatchUnit
 from pipelines.matcher import TopK, ranked
-from pipelines.results import RESULT_SCHEMA, write_result_set
+from pipelines.results import write_result_set
+from pipelines.schemas import RESULT_SCHEMA
 from pipelines.settings import Settings
+from pipelines.sql import sql_list
 from pipelines.vocab import CHILD_PROTECTION_PURPOSES
 
 MatchEngine = Literal["local", "ray"]
@@ -31,15 +33,25 @@ def gallery_filter(model_id: str, purpose: str) -> str:
     return where if purpose in CHILD_PROTECTION_PURPOSES else where + " AND minor = false"
 
 
-def plan_units(uri: str, version: int, where: str, k: int, block_rows: int, device: str, parts: int) -> list[MatchUnit]:
+def plan_units(
+    uri: str,
+    version: int,
+    where: str,
+    k: int,
+    block_rows: int,
+    device: str,
+    parts: int,
+    options: dict[str, str] | None = None,
+) -> list[MatchUnit]:
     """Fragment ranges: contiguous, balanced by row count."""
     import lance
 
-    fragments = lance.dataset(uri, version=version).get_fragments()
+    fragments = lance.dataset(uri, version=version, storage_options=options or None).get_fragments()
     groups: list[list[int]] = [[] for _ in range(max(1, min(parts, len(fragments))))]
     for i, fragment in enumerate(fragments):
         groups[i * len(groups) // max(1, len(fragments))].append(fragment.fragment_id)
-    return [MatchUnit(uri, version, tuple(g), where, k, block_rows, device) for g in groups if g]
+    opts = tuple(sorted((options or {}).items()))
+    return [MatchUnit(uri, version, tuple(g), where, k, block_rows, device, storage_options=opts) for g in groups if g]
 
 
 def run_match(
@@ -56,7 +68,7 @@ def run_match(
 
         start_ray(settings.ray_address, settings.ray_num_cpus)
     with writer_session(settings, "match") as log:
-        gallery = Gallery(settings.lance_dir)
+        gallery = Gallery(settings.storage)
         wl = get_watchlist(gallery, watchlist_id)
         now = dt.datetime.now(dt.UTC)
         if wl["status"] != "open":
@@ -101,16 +113,16 @@ def _match(
     meta: dict[int, dict[str, Any]] = {}
     extra: dict[str, Any] = {}
     if table is not None and len(probes):
-        uri = str(settings.lance_dir / f"{name}.lance")
+        uri, options = gallery.table_uri(name), gallery.options
         where = gallery_filter(wl["model_id"], wl["purpose"])
         parts = 1 if engine == "local" else int(settings.ray_num_cpus or 2)
-        units = plan_units(uri, version, where, wl["top_k"], settings.match_block_rows, settings.device, parts)
+        units = plan_units(uri, version, where, wl["top_k"], settings.match_block_rows, settings.device, parts, options)
         if method == "ivf_pq":
             top, extra = _approximate(table, version, units, vectors, where, wl["top_k"], nprobes, refine)
         else:
             for partial in _partials(settings, engine, units, vectors):
                 top.merge(partial)
-        meta = _metadata(uri, version, name, top.all_rowids())
+        meta = _metadata(uri, version, name, top.all_rowids(), options)
     rows = _result_rows(wl, probes, top, meta, run_id, version, now)
     manifest = {
         "run_id": run_id,
@@ -189,14 +201,18 @@ def _partials(settings: Settings, engine: MatchEngine, units: list[MatchUnit], v
     return match_local(units, vectors)
 
 
-def _metadata(uri: str, version: int, name: str, rowids: np.ndarray) -> dict[int, dict[str, Any]]:
+def _metadata(
+    uri: str, version: int, name: str, rowids: np.ndarray, options: dict[str, str]
+) -> dict[int, dict[str, Any]]:
     import lance
 
     if len(rowids) == 0:
         return {}
     id_col = "face_id" if name == "faces" else "embedding_id"
     columns = [id_col, "image_id", "record_id", "source_id", "subject_id"]
-    table = lance.dataset(uri, version=version)._take_rows(rowids.tolist(), columns=columns)
+    table = lance.dataset(uri, version=version, storage_options=options or None)._take_rows(
+        rowids.tolist(), columns=columns
+    )
     rows = table.to_pylist()
     return {int(r): row | {"gallery_id": row[id_col]} for r, row in zip(rowids.tolist(), rows, strict=True)}
 

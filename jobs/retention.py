@@ -11,19 +11,20 @@ from typing import Any
 
 from jobs.session import writer_session
 from lance_tables.erasure import delete_keys, purge
-from lance_tables.schemas import WATCHLISTS, to_arrow
-from lance_tables.store import Gallery, sql_list
+from lance_tables.store import Gallery
 from lance_tables.watchlists import list_watchlists
 from pipelines.faults import crash_point
 from pipelines.results import delete_run, list_runs
+from pipelines.schemas import WATCHLISTS, to_arrow
 from pipelines.settings import Settings
+from pipelines.sql import sql_list
 
 
 def run_retention(settings: Settings, now: dt.datetime | None = None) -> dict[str, Any]:
     """`now` exists so the schedule can be tested with a fake clock."""
     now = now or dt.datetime.now(dt.UTC)
     with writer_session(settings, "retention") as log, log.action(settings.actor, "retention") as op:
-        gallery = Gallery(settings.lance_dir)
+        gallery = Gallery(settings.storage)
         watchlists = list_watchlists(gallery)
         expired = _expire(gallery, watchlists, now)
         crash_point("retention:after-expire")

@@ -28,7 +28,7 @@ def review_candidate(
         if hit.num_rows == 0:
             raise Refused(f"result set {run_id} has no candidate of rank {rank} for probe {probe_id!r}")
         candidate = hit.to_pylist()[0]
-        gallery = Gallery(settings.lance_dir)
+        gallery = Gallery(settings.storage)
         if candidate["image_id"] and candidate["image_id"] in erased_ids(gallery):
             raise Refused(f"candidate {candidate['gallery_id']} was erased; it cannot be reviewed")
         fields = {
@@ -46,7 +46,7 @@ def review_candidate(
 
 def with_reviews(settings: Settings, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Result rows with `review_status` taken from the reviews table (the files stay as written)."""
-    statuses = effective_statuses(Gallery(settings.lance_dir))
+    statuses = effective_statuses(Gallery(settings.storage))
     return [
         r | {"review_status": statuses.get((r["run_id"], r["probe_id"], r["rank"]), r["review_status"])} for r in rows
     ]

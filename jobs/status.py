@@ -19,11 +19,11 @@ def _counter(gallery: Gallery, table: str, column: str) -> dict[str, int]:
 
 
 def gallery_status(settings: Settings) -> dict[str, Any]:
-    gallery = Gallery(settings.lance_dir)
+    gallery = Gallery(settings.storage)
     tables = {name: {"version": gallery.version(name), "rows": gallery.count(name)} for name in gallery.names()}
     reasons = _counter(gallery, "quarantine", "reason")
     return {
-        "home": str(settings.home.resolve()),
+        "home": settings.home_uri,
         "tables": tables,
         "sources": gallery.count("sources"),
         "images": gallery.count("images"),

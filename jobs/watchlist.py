@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.session import writer_session
-from lance_tables.store import Gallery, sql_list
+from lance_tables.store import Gallery
 from lance_tables.watchlists import store_watchlist
 from pipelines.audit import digest, table_versions
 from pipelines.decode import DecodeLimits
@@ -18,6 +18,7 @@ from pipelines.models import face_spec, image_spec
 from pipelines.probes import PhotoModels, ProbeModality, probes_from_embeddings, probes_from_photos
 from pipelines.settings import Settings
 from pipelines.shards import check_id
+from pipelines.sql import sql_list
 from pipelines.vocab import PURPOSES
 
 
@@ -78,7 +79,7 @@ def submit(settings: Settings, sub: Submission) -> dict[str, Any]:
     now = dt.datetime.now(dt.UTC)
     expires = check_purpose_binding(sub, settings, now)
     with writer_session(settings, "watchlist.submit") as log:
-        gallery = Gallery(settings.lance_dir)
+        gallery = Gallery(settings.storage)
         watchlist_id = "wl-" + uuid.uuid4().hex[:16]
         fields = {"case_id": sub.case_id, "purpose": sub.purpose, "requested_by": sub.requested_by}
         with log.action(sub.requested_by, "watchlist.submit", watchlist_id=watchlist_id, **fields) as op:

@@ -7,18 +7,11 @@ import math
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from lance_tables.store import Gallery, sql_list
+from lance_tables.store import Gallery
+from pipelines.sql import sql_list
 
 BATCH = 500  # keys per delete predicate
-ERASED = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("receipt_id", pa.string()),
-        pa.field("erased_at", pa.timestamp("us", tz="UTC")),
-    ]
-)
 
 
 def tagged(gallery: Gallery, names: list[str]) -> dict[str, list[str]]:

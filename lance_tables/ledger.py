@@ -6,9 +6,9 @@ import datetime as dt
 
 import pyarrow as pa
 
-from lance_tables.schemas import LEDGER
 from lance_tables.store import Gallery
 from pipelines.embed import ShardOutput
+from pipelines.schemas import LEDGER
 from pipelines.task import IngestTask, ledger_key
 
 COMMIT_ORDER = ("quarantine", "images", "faces", "image_embeddings")

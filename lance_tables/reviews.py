@@ -10,25 +10,14 @@ from typing import Any
 import pyarrow as pa
 
 from lance_tables.erasure import delete_keys
-from lance_tables.store import Gallery, sql_list
+from lance_tables.store import Gallery
 from pipelines.errors import Refused
+from pipelines.schemas import REVIEWS
+from pipelines.sql import sql_list
 
 REVIEW_INPUTS = ("potential_candidate", "no_candidate", "inconclusive")
 CONFIRMED = "confirmed_candidate"
 UNREVIEWED = "unreviewed"
-
-REVIEWS = pa.schema(
-    [
-        pa.field("review_id", pa.string(), nullable=False),
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("probe_id", pa.string(), nullable=False),
-        pa.field("rank", pa.int32(), nullable=False),
-        pa.field("gallery_id", pa.string(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),
-        pa.field("reviewer", pa.string(), nullable=False),
-        pa.field("reviewed_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    ]
-)
 
 
 def add_review(gallery: Gallery, candidate: dict[str, Any], status: str, reviewer: str) -> dict[str, Any]:

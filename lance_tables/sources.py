@@ -7,10 +7,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from lance_tables.schemas import SOURCES
-from lance_tables.store import Gallery, sql_list
+from lance_tables.store import Gallery
 from pipelines.errors import Refused
+from pipelines.schemas import SOURCES
 from pipelines.shards import check_id
+from pipelines.sql import sql_list
 from pipelines.vocab import check_channel
 
 

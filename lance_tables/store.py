@@ -3,41 +3,29 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from lance_tables.schemas import FIXED, KEYS, image_embeddings_schema
 from pipelines.errors import Refused
-
-
-def sql_str(value: str) -> str:
-    """The one way a value enters a Lance predicate: a quoted SQL string literal, quotes doubled.
-
-    Control characters (NUL, newlines...) are refused: no id or model id needs them, and they are
-    where parsers disagree."""
-    if not isinstance(value, str):
-        raise Refused(f"a predicate value must be a string, got {type(value).__name__}")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise Refused(f"refusing a predicate value with control characters: {value[:40]!r}")
-    return "'" + value.replace("'", "''") + "'"
-
-
-def sql_list(values: list[str]) -> str:
-    """A SQL IN-list of values, each quoted by `sql_str`; an empty list matches nothing."""
-    return "(" + (", ".join(sql_str(v) for v in values) or "NULL") + ")"
+from pipelines.schemas import FIXED, KEYS, image_embeddings_schema
+from pipelines.storage import Storage
 
 
 class Gallery:
     """All gallery tables under one LanceDB directory; only this class writes them."""
 
-    def __init__(self, lance_dir: Path):
+    def __init__(self, storage: Storage):
         import lancedb
 
-        lance_dir.mkdir(parents=True, exist_ok=True)
-        self.path = lance_dir
-        self.db = lancedb.connect(str(lance_dir), read_consistency_interval=timedelta(0))
+        self.storage = storage
+        self.uri = storage.lance_uri
+        self.options = storage.lance_options
+        self.db = lancedb.connect(self.uri, read_consistency_interval=timedelta(0), storage_options=self.options)
+
+    def table_uri(self, name: str) -> str:
+        """The Lance dataset of one table (workers open it with `self.options`)."""
+        return f"{self.uri}/{name}.lance"
 
     def names(self) -> list[str]:
         return sorted(self.db.list_tables().tables)

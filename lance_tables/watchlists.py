@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from lance_tables.schemas import PROBES, WATCHLISTS, to_arrow
-from lance_tables.store import Gallery, sql_list
+from lance_tables.store import Gallery
 from pipelines.errors import Refused
+from pipelines.schemas import PROBES, WATCHLISTS, to_arrow
+from pipelines.sql import sql_list
 
 
 def store_watchlist(

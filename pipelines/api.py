@@ -24,9 +24,9 @@ def results(home: str | Path | None = None) -> Any:
     from lance_tables.store import Gallery
     from pipelines.settings import Settings
 
-    settings = Settings(home=Path(home)) if home is not None else Settings()
-    frame = scan_results(settings.store)
-    statuses = effective_statuses(Gallery(settings.lance_dir)) if settings.lance_dir.exists() else {}
+    settings = Settings(home=str(home)) if home is not None else Settings()
+    frame = scan_results(settings.storage)
+    statuses = effective_statuses(Gallery(settings.storage)) if settings.store.folders("lance") else {}
     if not statuses:
         return frame
     reviews = pl.DataFrame(

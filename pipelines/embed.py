@@ -11,11 +11,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from lance_tables.schemas import FACES, IMAGES, QUARANTINE, image_embeddings_schema, to_arrow
 from pipelines.clip import ImageEmbedder
 from pipelines.faces import FaceEmbedder
 from pipelines.models import check_model_id
 from pipelines.prepare import PreparedShard
+from pipelines.schemas import FACES, IMAGES, QUARANTINE, image_embeddings_schema, to_arrow
 from pipelines.task import IngestTask, WorkItem
 
 
@@ -122,7 +122,7 @@ def _scopes(prep: PreparedShard, task: IngestTask) -> dict[str, str | None]:
     """Each commit replaces exactly the rows this shard part owns (stale rows of a rerun go).
 
     Every value goes through `sql_str`: model ids and item ids are never pasted into a predicate."""
-    from lance_tables.store import sql_list, sql_str
+    from pipelines.sql import sql_list, sql_str
 
     ids = sql_list(prep.image_ids or [prep.item.shard_key])
     stages = sql_list(["shard", "decode"] + (["face"] if prep.item.do_face else []))
@@ -138,7 +138,7 @@ def _scopes(prep: PreparedShard, task: IngestTask) -> dict[str, str | None]:
 
 
 def _model_scope(ids: str, model_id: str, origin: str) -> str:
-    from lance_tables.store import sql_str
+    from pipelines.sql import sql_str
 
     return f"image_id IN {ids} AND model_id = {sql_str(check_model_id(model_id))} AND origin = {sql_str(origin)}"
 

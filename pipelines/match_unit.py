@@ -68,13 +68,14 @@ class MatchUnit:
     block_rows: int
     device: str = "cpu"
     kernel: str = "auto"  # "auto": choose_filter_kernel on the worker; "int8" or "float32" forces it
+    storage_options: tuple[tuple[str, str], ...] = ()  # how the worker reaches an s3:// table (Lance options)
 
 
 def run_unit(unit: MatchUnit, probes: np.ndarray) -> TopK:
     """Top-k (plus boundary ties) of every probe over this unit's fragments; one filter product per block."""
     import lance
 
-    dataset = lance.dataset(unit.table_uri, version=unit.version)
+    dataset = lance.dataset(unit.table_uri, version=unit.version, storage_options=dict(unit.storage_options) or None)
     device = _device(unit.device)
     queries = ProbeSet.build(probes, device, unit_kernel(unit.kernel, len(probes), device))
     top = TopK(len(probes), unit.k)

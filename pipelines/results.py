@@ -14,7 +14,6 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -22,6 +21,8 @@ import pyarrow.parquet as pq
 
 from pipelines.faults import crash_point
 from pipelines.objectstore import ObjectStore
+from pipelines.schemas import RESULT_SCHEMA
+from pipelines.storage import Storage
 
 NOTICE = "Candidate list for human review; not an identification."
 PART_ROWS = 500_000
@@ -29,27 +30,6 @@ RESULTS = "results/"
 MANIFESTS = "manifests/"
 _MANIFEST = re.compile(r"^manifests/watchlist_id=([^/]+)/([^/]+?)(?:\.g(\d{4}))?\.json$")
 _PART = re.compile(r"^results/watchlist_id=([^/]+)/run_id=([^/]+)/part-(?:g(\d{4})-)?\d{5}\.parquet$")
-
-RESULT_SCHEMA = pa.schema(
-    [
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("watchlist_id", pa.string(), nullable=False),
-        pa.field("case_id", pa.string(), nullable=False),
-        pa.field("probe_id", pa.string(), nullable=False),
-        pa.field("subject_id", pa.string()),
-        pa.field("rank", pa.int32(), nullable=False),
-        pa.field("gallery_id", pa.string(), nullable=False),
-        pa.field("image_id", pa.string()),
-        pa.field("record_id", pa.string()),  # the importer's id of an imported vector (null for ingested images)
-        pa.field("source_id", pa.string(), nullable=False),
-        pa.field("score", pa.float32(), nullable=False),
-        pa.field("above_threshold", pa.bool_(), nullable=False),
-        pa.field("model_id", pa.string(), nullable=False),
-        pa.field("gallery_version", pa.int64(), nullable=False),
-        pa.field("matched_at", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("review_status", pa.string(), nullable=False),
-    ]
-)
 
 
 @dataclass(frozen=True)
@@ -70,7 +50,7 @@ class RunKey:
 
 def write_result_set(
     store: ObjectStore, watchlist_id: str, run_id: str, table: pa.Table, meta: dict[str, Any], generation: int = 1
-) -> Path:
+) -> str:
     """Create the parts, then the manifest (the commit). Rerunning a crashed write of the same generation
     replaces its parts; a generation whose manifest exists is never written again."""
     key = RunKey(watchlist_id, run_id)
@@ -91,7 +71,7 @@ def write_result_set(
     body = meta | {"notice": NOTICE, "rows": table.num_rows, "parts": parts, "generation": generation}
     if not store.create(key.manifest(generation), json.dumps(body, indent=2, sort_keys=True, default=str).encode()):
         raise RuntimeError(f"result set {run_id} generation {generation} already exists")
-    return Path(store.location(key.prefix))
+    return store.location(key.prefix)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -182,14 +162,18 @@ def sweep(store: ObjectStore) -> list[str]:
     return removed
 
 
-def scan_results(store: ObjectStore) -> Any:
-    """All result sets as one `polars.LazyFrame` (hive partitions watchlist_id and run_id); committed runs only."""
+def scan_results(storage: Storage) -> Any:
+    """All result sets as one `polars.LazyFrame` (hive partitions watchlist_id and run_id); committed runs only.
+
+    Reads only the parts the manifests name (one listing of the manifests, then Polars reads the parts
+    directly from the home, local or s3://, with the home's `storage_options`)."""
     import polars as pl
 
+    store = storage.store
     files = [store.location(name) for m in list_runs(store) for name in part_keys(m)]
     if not files:
         return pl.DataFrame(pl.from_arrow(RESULT_SCHEMA.empty_table())).lazy()
-    return pl.scan_parquet(files, hive_partitioning=True)
+    return pl.scan_parquet(files, hive_partitioning=True, storage_options=storage.polars_options)
 
 
 def load_run(store: ObjectStore, run_id: str) -> pa.Table:

@@ -9,7 +9,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from pipelines.objectstore import LocalStore
+from pipelines.objectstore import ObjectStore
+from pipelines.storage import Storage
 
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
@@ -19,7 +20,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GALLERYMATCH_", extra="ignore")
 
-    home: Path = Field(Path(".gallerymatch"), description="root of everything the embedded default writes")
+    home: str = Field(
+        ".gallerymatch",
+        description="root of everything gallerymatch keeps: a local folder or an s3://bucket/prefix URI "
+        "(credentials, region and endpoint from the standard AWS_* variables)",
+    )
     models_dir: Path | None = Field(None, description="model weights are looked up here first (default: HOME/models)")
     model_downloads: bool = Field(True, description="let the libraries download weights when not found locally")
 
@@ -74,23 +79,33 @@ class Settings(BaseSettings):
             return tuple(part.strip().upper() for part in value.split(",") if part.strip())
         return value
 
-    @property
-    def lance_dir(self) -> Path:
-        return self.home / "lance"
+    @field_validator("home", mode="before")
+    @classmethod
+    def _home_text(cls, value: object) -> object:
+        return str(value) if isinstance(value, Path) else value
 
     @property
-    def results_dir(self) -> Path:
-        """Where the result sets' Parquet parts lie (readers go through their manifests: `pipelines.results`)."""
-        return self.home / "results"
+    def storage(self) -> Storage:
+        """The one storage seam of this home (built from the home and the AWS_* variables)."""
+        cached: Storage | None = self.__dict__.get("_storage")
+        if cached is None or cached.uri != _normal(self.home):
+            cached = Storage.at(self.home)
+            self.__dict__["_storage"] = cached
+        return cached
 
     @property
-    def store(self) -> LocalStore:
-        """The home as an object store: the one seam the commit protocols write through."""
-        return LocalStore(self.home.expanduser().resolve())
+    def store(self) -> ObjectStore:
+        """The home as an object store: the interface every commit protocol writes through."""
+        return self.storage.store
 
     @property
     def home_uri(self) -> str:
-        return str(self.home.expanduser().resolve())
+        return self.storage.uri
+
+    @property
+    def local_home(self) -> Path:
+        """The home folder of a local home (refused for an s3:// home)."""
+        return self.storage.local_root
 
     @property
     def resolved_audit_key_dir(self) -> Path:
@@ -101,11 +116,20 @@ class Settings(BaseSettings):
         else:
             config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
             folder = Path(config) / "gallerymatch"
-        return check_key_dir(folder, self.home)
+        return check_key_dir(folder, self.storage)
 
     @property
     def resolved_models_dir(self) -> Path:
-        return self.models_dir if self.models_dir is not None else self.home / "models"
+        if self.models_dir is not None:
+            return self.models_dir
+        if self.storage.is_s3:  # weights are read from a local folder, never from the home's bucket
+            config = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+            return Path(config) / "gallerymatch" / "models"
+        return self.storage.local_root / "models"
+
+
+def _normal(home: str) -> str:
+    return home.rstrip("/") if home.startswith("s3://") else str(Path(home).expanduser().resolve())
 
 
 def load_settings() -> Settings:

@@ -15,21 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.errors import Refused
+from pipelines.schemas import SHARD_SCHEMA
 from pipelines.vocab import Reason
 
-SHARD_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("image", pa.large_binary()),
-        pa.field("uri", pa.string()),
-        pa.field("source_id", pa.string(), nullable=False),
-        pa.field("captured_at", pa.timestamp("us", tz="UTC")),
-        pa.field("minor", pa.bool_()),
-        pa.field("subject_id", pa.string()),
-        pa.field("num_bytes", pa.int64()),
-        pa.field("pack_error", pa.string()),
-    ]
-)
 REQUIRED_COLUMNS = ("image_id", "image", "source_id")
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # matched in full, never searched
 ID_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"

@@ -9,9 +9,12 @@ import os
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import GalleryMatchError, Refused
+
+if TYPE_CHECKING:
+    from pipelines.storage import Storage
 
 PRIVATE = "audit-signing-key.pem"
 PUBLIC = "audit-signing-key.pub"
@@ -77,16 +80,14 @@ class Signer:
         return Checkpoint(**(asdict(unsigned) | {"signature": self.private.sign(unsigned.payload()).hex()}))
 
 
-def check_key_dir(key_dir: Path, home: Path | str) -> Path:
+def check_key_dir(key_dir: Path, home: Storage) -> Path:
     """The key must not live beside the log it protects: refuse a key folder inside the home."""
     key_dir = key_dir.expanduser().resolve()
-    if isinstance(home, Path):
-        home_path = home.expanduser().resolve()
-        if key_dir == home_path or home_path in key_dir.parents:
-            raise Refused(
-                f"the audit signing key folder {key_dir} is inside GALLERYMATCH_HOME {home_path}: whoever can "
-                "rewrite the log could then re-sign it. Set GALLERYMATCH_AUDIT_KEY_DIR to a folder outside the home."
-            )
+    if home.contains(key_dir):
+        raise Refused(
+            f"the audit signing key folder {key_dir} is inside GALLERYMATCH_HOME {home.uri}: whoever can "
+            "rewrite the log could then re-sign it. Set GALLERYMATCH_AUDIT_KEY_DIR to a folder outside the home."
+        )
     return key_dir
 
 

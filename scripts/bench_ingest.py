@@ -140,7 +140,7 @@ def build_corpus(tmp: Path, count: int, rows_per_shard: int, task: IngestTask) -
 
 
 def register(settings: Settings) -> None:
-    gallery = Gallery(settings.lance_dir)
+    gallery = Gallery(settings.storage)
     add_source(gallery, SOURCE, "operator-owned", "benchmark data", "public-domain sample images", "bench_ingest")
 
 

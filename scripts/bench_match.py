@@ -32,7 +32,6 @@ import pyarrow.parquet as pq
 from bench_ingest import machine, markdown_table, timed, write_section
 
 from jobs.watchlist import Submission, submit
-from lance_tables.schemas import FACES
 from lance_tables.sources import add_source
 from lance_tables.store import Gallery
 from pipelines.match_unit import (
@@ -47,6 +46,7 @@ from pipelines.match_unit import (
 from pipelines.matcher import INT8_MIN_PROBES
 from pipelines.models import FACE_DIM
 from pipelines.results import load_run
+from pipelines.schemas import FACES
 from pipelines.settings import Settings
 
 SECTION = "## Match (scripts/bench_match.py)"
@@ -191,7 +191,7 @@ def faces_chunk(vectors: np.ndarray, start: int, now: dt.datetime) -> pa.Table:
 def build_home(home: Path, gallery: np.ndarray) -> Settings:
     """A fresh GALLERYMATCH home whose `faces` table holds the gallery, appended CHUNK rows at a time."""
     settings = Settings(home=home, model_downloads=False)
-    store = Gallery(settings.lance_dir)
+    store = Gallery(settings.storage)
     add_source(store, SOURCE, "operator-owned", "benchmark data", "synthetic vectors", "bench_match")
     table = store.ensure("faces")
     now = dt.datetime.now(dt.UTC)
@@ -377,7 +377,7 @@ def lancedb_search(
     settings: Settings, probes: np.ndarray, k: int, tune: Callable[[Any], Any]
 ) -> tuple[np.ndarray, float]:
     """All probes in one multi-vector query (a `query_index` column says which probe each row answers)."""
-    table = Gallery(settings.lance_dir).ensure("faces")
+    table = Gallery(settings.storage).ensure("faces")
 
     def query() -> pa.Table:
         search = table.search(probes, vector_column_name="vector").where(f"model_id = '{MODEL}'", prefilter=True)
@@ -413,7 +413,7 @@ def partitions(n: int) -> int:
 def build_ivf_pq(settings: Settings, n: int) -> float:
     from lancedb.index import IvfPq
 
-    table = Gallery(settings.lance_dir).ensure("faces")
+    table = Gallery(settings.storage).ensure("faces")
     config = IvfPq(
         distance_type="cosine",
         num_partitions=partitions(n),

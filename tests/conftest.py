@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,24 +19,64 @@ FACE = "facenet-untrained"
 IMAGE = "clip-untrained"
 
 
-def make_settings(home: Path, **overrides: object) -> Settings:
-    keys = home.parent / f"{home.name}-audit-keys"  # the signing key lives outside the home it protects
-    values: dict[str, object] = {
-        "home": home,
+def make_settings(home: Path | str, **overrides: object) -> Settings:
+    """Settings for a home (a folder, or an s3:// URI with `audit_key_dir` given: the key stays local)."""
+    values: dict[str, object] = {"home": str(home)}
+    if isinstance(home, Path):  # the signing key lives outside the home it protects
+        values["audit_key_dir"] = home.parent / f"{home.name}-audit-keys"
+    values |= {
         "model_downloads": False,
         "ray_num_cpus": 2,
-        "audit_key_dir": keys,
     } | overrides
     return Settings(**values)  # type: ignore[arg-type]
 
 
 def register(settings: Settings, source_id: str = "archive") -> None:
-    add_source(Gallery(settings.lance_dir), source_id, "operator-owned", "test basis", "test terms", "tester")
+    add_source(Gallery(settings.storage), source_id, "operator-owned", "test basis", "test terms", "tester")
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path / "home")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """A real S3 API (moto's server) on loopback for the whole session; nothing leaves 127.0.0.1."""
+    from s3 import start_moto
+
+    server, endpoint = start_moto()
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The standard AWS variables pointing at the loopback server (children of the test inherit them)."""
+    from s3 import aws_env
+
+    env = aws_env(moto_endpoint)
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def s3_settings(s3_env: dict[str, str], tmp_path: Path) -> Settings:
+    """A fresh home on its own bucket of the loopback S3 server."""
+    from s3 import make_bucket
+
+    return make_settings(f"s3://{make_bucket(s3_env)}/home", audit_key_dir=tmp_path / "audit-keys")
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """The same scenario on a local home and on an S3 home."""
+    if request.param == "local":
+        return make_settings(tmp_path / "home")
+    return request.getfixturevalue("s3_settings")  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="session")

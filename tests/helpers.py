@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from lance_tables.schemas import KEYS
 from lance_tables.store import Gallery
+from pipelines.schemas import KEYS
 from pipelines.settings import Settings
 
 VOLATILE = {"ingested_at", "quarantined_at", "finished_at", "registered_at"}
@@ -21,7 +21,7 @@ GALLERY_TABLES = ("images", "faces", "image_embeddings", "quarantine", "ledger")
 
 
 def table_rows(settings: Settings, name: str) -> list[dict[str, Any]]:
-    data = Gallery(settings.lance_dir).read(name)
+    data = Gallery(settings.storage).read(name)
     if not data.num_columns:
         return []
     rows = [{k: v for k, v in row.items() if k not in VOLATILE} for row in data.to_pylist()]
@@ -55,7 +55,7 @@ def assert_unique_keys(settings: Settings) -> None:
 @contextmanager
 def another_writer(settings: Settings, seconds: float = 60.0) -> Iterator[subprocess.Popen[bytes]]:
     """Another process holding the home's writer lease until the block ends (it is then killed)."""
-    ready = settings.home.parent / f"writer-ready-{os.getpid()}"
+    ready = settings.local_home.parent / f"writer-ready-{os.getpid()}"
     code = (
         "import sys, time, pathlib\n"
         "from pipelines.locks import writer_lock\n"
@@ -64,7 +64,7 @@ def another_writer(settings: Settings, seconds: float = 60.0) -> Iterator[subpro
         "    pathlib.Path(sys.argv[2]).touch()\n"
         f"    time.sleep({seconds})\n"
     )
-    settings.home.mkdir(parents=True, exist_ok=True)
+    settings.local_home.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-c", code, str(settings.store.root), str(ready)])
     try:
         deadline = time.monotonic() + 60

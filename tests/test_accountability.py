@@ -71,7 +71,7 @@ def test_every_action_leaves_an_audit_record_without_biometrics(tmp_path: Path) 
     assert intent["run_id"] == run["run_id"]
     assert outcome["intent_seq"] == intent["seq"] and outcome["status"] == "ok" and outcome["case_id"] == "CASE-1"
     assert outcome["table_versions"]["image_embeddings"] >= 1
-    raw = "".join(p.read_text() for p in sorted((settings.home / "audit").rglob("*.json")))
+    raw = "".join(p.read_text() for p in sorted((settings.local_home / "audit").rglob("*.json")))
     assert raw.count('"seq":') == len(records) == 8
     assert "vector" not in raw and "embedding" not in raw.replace("image_embeddings", "").replace(
         "import-embeddings", ""
@@ -113,12 +113,12 @@ def test_retention_with_a_fake_clock(tmp_path: Path) -> None:
     assert soon["watchlists_expired"] == [] and soon["result_sets_deleted"] == []
     later = run_retention(settings, now + dt.timedelta(days=11))
     assert later["watchlists_expired"] == [wid] and later["result_sets_deleted"] == []
-    assert Gallery(settings.lance_dir).count("probes") == 0
+    assert Gallery(settings.storage).count("probes") == 0
     with pytest.raises(Refused, match="expired"):
         run_match(settings, wid)
     gone = run_retention(settings, now + dt.timedelta(days=31))
     assert len(gone["result_sets_deleted"]) == 1 and list_runs(settings.store) == []
-    assert not any(settings.results_dir.rglob("*.parquet"))
+    assert not any((settings.local_home / "results").rglob("*.parquet"))
     retention = [r for r in AuditLog.of(settings).records() if r["action"] == "retention"]
     assert [r["status"] for r in retention if r["phase"] == "outcome"] == ["ok"] * 3
 

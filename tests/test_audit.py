@@ -73,7 +73,7 @@ def said(result: dict[str, Any]) -> str:
 def rehash_from(settings: Settings, seq: int, change: dict[str, Any]) -> None:
     """A perfect forgery without the key: rewrite record `seq`, then recompute every later prev_hash and hash."""
     prev = None
-    last = len(list((settings.home / "audit" / "records").rglob("*.json")))
+    last = len(list((settings.local_home / "audit" / "records").rglob("*.json")))
     for n in range(seq, last + 1):
         record = json.loads(path_of(settings, n).read_bytes())
         if n == seq:
@@ -95,13 +95,13 @@ def test_chain_links_every_record(tmp_path: Path) -> None:
     assert records[0]["prev_hash"] == GENESIS
     assert all(b["prev_hash"] == a["hash"] for a, b in itertools.pairwise(records))
     assert all(record_hash(r) == r["hash"] for r in records)
-    on_disk = sorted((settings.home / "audit" / "records").rglob("*.json"))
+    on_disk = sorted((settings.local_home / "audit" / "records").rglob("*.json"))
     assert [json.loads(p.read_bytes()) for p in on_disk] == records  # one object per record, nothing else
     result = log.verify()
     assert result["ok"] and result["problems"] == [] and result["first_bad_record"] is None
     assert result["records"] == 5 and result["head"] == {"seq": 5, "hash": records[-1]["hash"]}
     assert result["witness"] == "000000000005"  # the signed head of record 5 lies outside the home
-    assert not (settings.home / "audit-signing-key.pem").exists() and not list(settings.home.rglob("*.pem"))
+    assert not (settings.local_home / "audit-signing-key.pem").exists() and not list(settings.local_home.rglob("*.pem"))
 
 
 def test_concurrent_threads_never_share_a_sequence_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,7 +273,7 @@ def test_head_lists_only_the_last_bucket(tmp_path: Path, monkeypatch: pytest.Mon
     """Appending must not get slower as the trail grows: the head is found in the last folder alone."""
     monkeypatch.setattr(audit_module, "BUCKET", 10)
     settings, log = new_log(tmp_path, 25)  # folders 0 (1-9), 1 (10-19), 2 (20-25)
-    folders = sorted(p.name for p in (settings.home / "audit" / "records").iterdir())
+    folders = sorted(p.name for p in (settings.local_home / "audit" / "records").iterdir())
     assert folders == ["00000000", "00000001", "00000002"]
     assert log.verify()["ok"]
     listed: list[str] = []
@@ -287,7 +287,7 @@ def test_head_lists_only_the_last_bucket(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(LocalStore, "list", spy)
     assert log.head().seq == 25
     assert listed and all(k.startswith("audit/records/00000002/") for k in listed), listed
-    shutil.rmtree(settings.home / "audit" / "records" / "00000001")  # a whole middle folder goes
+    shutil.rmtree(settings.local_home / "audit" / "records" / "00000001")  # a whole middle folder goes
     monkeypatch.setattr(LocalStore, "list", real_list)
     result = broken(log)
     assert result["first_bad_record"] == 10 and "record 10 is missing" in said(result)
@@ -324,7 +324,7 @@ def test_a_deleted_middle_record_is_caught_as_a_gap(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["00000000/zzz-notes.json", "00000000/12.json", "00000000/000000000004.json.bak"])
 def test_an_object_planted_among_the_records_is_reported_not_a_crash(tmp_path: Path, name: str) -> None:
     settings, log = new_log(tmp_path, 4)
-    planted = settings.home / "audit" / "records" / name
+    planted = settings.local_home / "audit" / "records" / name
     planted.write_bytes(path_of(settings, 4).read_bytes())
     result = broken(log)
     assert f"audit/records/{name} is not a record object" in said(result)
@@ -362,7 +362,7 @@ def test_keeping_only_the_first_two_records_is_caught(tmp_path: Path) -> None:
 
 def test_an_emptied_log_is_caught(tmp_path: Path) -> None:
     settings, log = new_log(tmp_path, 8)
-    for path in (settings.home / "audit" / "records").rglob("*.json"):
+    for path in (settings.local_home / "audit" / "records").rglob("*.json"):
         path.unlink()
     result = broken(log)
     assert result["records"] == 0 and "the log holds 0" in said(result) and "emptied or deleted" in said(result)
@@ -370,7 +370,7 @@ def test_an_emptied_log_is_caught(tmp_path: Path) -> None:
 
 def test_a_deleted_audit_folder_is_caught(tmp_path: Path) -> None:
     settings, _ = new_log(tmp_path, 8)
-    shutil.rmtree(settings.home / "audit")
+    shutil.rmtree(settings.local_home / "audit")
     result = broken(AuditLog.of(settings))
     assert result["records"] == 0 and "vouches for 8 records but the log holds 0" in said(result)
 
@@ -399,7 +399,7 @@ def test_a_perfect_rehash_without_the_key_is_caught_by_the_witness(tmp_path: Pat
 
 def test_a_perfect_rehash_is_caught_by_the_home_checkpoint_too(tmp_path: Path) -> None:
     settings, log = new_log(tmp_path, 70)
-    home_checkpoints = sorted(p.name for p in (settings.home / "audit" / "checkpoints").iterdir())
+    home_checkpoints = sorted(p.name for p in (settings.local_home / "audit" / "checkpoints").iterdir())
     assert home_checkpoints == [f"{CHECKPOINT_EVERY:012d}.json"]
     assert log.verify()["ok"]
     rehash_from(settings, 10, {"case_id": "CASE-OTHER"})
@@ -412,7 +412,7 @@ def test_a_perfect_rehash_is_caught_by_the_home_checkpoint_too(tmp_path: Path) -
 
 def test_a_forged_home_checkpoint_is_caught(tmp_path: Path) -> None:
     settings, log = new_log(tmp_path, 64)
-    path = settings.home / "audit" / "checkpoints" / f"{CHECKPOINT_EVERY:012d}.json"
+    path = settings.local_home / "audit" / "checkpoints" / f"{CHECKPOINT_EVERY:012d}.json"
     body = json.loads(path.read_bytes())
     path.write_bytes(json.dumps(body | {"count": 60}).encode())  # lower the count it vouches for
     result = broken(log)
@@ -667,7 +667,7 @@ def test_a_legacy_one_file_log_is_adopted_into_the_chain(tmp_path: Path) -> None
         body = _json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
         record["hash"] = prev = _hashlib.sha256(body).hexdigest()
         lines.append(_json.dumps(record, sort_keys=True, separators=(",", ":")).encode())
-    legacy = settings.home / "audit" / "audit.jsonl"
+    legacy = settings.local_home / "audit" / "audit.jsonl"
     legacy.parent.mkdir(parents=True)
     legacy.write_bytes(b"\n".join(lines) + b"\n")
     log = AuditLog.of(settings)

@@ -18,11 +18,12 @@ from jobs.erase import erase
 from jobs.import_embeddings import run_import
 from jobs.match import run_match
 from jobs.watchlist import Submission, submit
-from lance_tables.store import Gallery, sql_list
+from lance_tables.store import Gallery
 from pipelines.audit import AuditLog
 from pipelines.errors import Refused
 from pipelines.results import list_runs, load_run
 from pipelines.settings import Settings
+from pipelines.sql import sql_list
 
 DIM = 32
 # every child imports first, says it is ready, then waits for the same start signal: the writes really overlap
@@ -43,7 +44,7 @@ MATCH = PRELUDE.format(imports="from jobs.match import run_match") + "run_match(
 
 def together(settings: Settings, code: str, arg: str, count: int) -> list[subprocess.CompletedProcess[bytes]]:
     """Run `count` processes of `code` that start their work at the same instant; wait for all of them."""
-    root = settings.home.parent
+    root = settings.local_home.parent
     go = root / "go"
     go.unlink(missing_ok=True)
     ready = [root / f"ready-{i}" for i in range(count)]
@@ -105,7 +106,7 @@ def test_three_concurrent_imports_of_one_file_store_each_row_once(tmp_path: Path
     path, vecs = gallery_file(tmp_path / "g.parquet", 3000)
     done = together(settings, IMPORT, str(path), 3)
     assert [d.returncode for d in done] == [0, 0, 0], [d.stderr.decode()[-2000:] for d in done]
-    gallery = Gallery(settings.lance_dir)
+    gallery = Gallery(settings.storage)
     table = gallery.read("image_embeddings", columns=["embedding_id", "record_id"])
     keys = table.column("embedding_id").to_pylist()
     assert len(keys) == 3000 and len(set(keys)) == 3000
@@ -157,7 +158,7 @@ def test_erase_refuses_while_another_writer_holds_the_lease(tmp_path: Path) -> N
     table = table.set_column(0, "record_id", pa.array(["x-1"]))
     pq.write_table(table, path)
     run_import(settings, path, "archive", "model-a", "image", DIM)
-    gallery = Gallery(settings.lance_dir)
+    gallery = Gallery(settings.storage)
     records = len(AuditLog.of(settings).records())
     impatient = make_settings(settings.home, lock_wait_s=0.5)
     with another_writer(settings):
@@ -169,7 +170,7 @@ def test_erase_refuses_while_another_writer_holds_the_lease(tmp_path: Path) -> N
             run_import(impatient, path, "archive", "model-a", "image", DIM)
     assert gallery.count("image_embeddings") == 301
     assert gallery.count("image_embeddings", f"subject_id IN {sql_list(['subj-x'])}") == 1
-    assert not (settings.home / "erasure").exists()  # no plan, no journal, no receipt
+    assert not (settings.local_home / "erasure").exists()  # no plan, no journal, no receipt
     assert len(AuditLog.of(settings).records()) == records  # nothing was done, so nothing is recorded
     receipt = erase(settings, "request", "dpo-1", subject_id="subj-x")  # the holder is gone: its lease is stale
     assert receipt["ok"] and receipt["removed_rows"]["image_embeddings"] == 1

@@ -55,7 +55,7 @@ def build(tmp_path: Path, index: str | None) -> tuple[Settings, np.ndarray, str]
             if index == "IVF_PQ"
             else HnswSq(distance_type="cosine", num_partitions=2)
         )
-        Gallery(settings.lance_dir).open("image_embeddings").create_index("vector", config=config)
+        Gallery(settings.storage).open("image_embeddings").create_index("vector", config=config)
     near = vecs[[5, 9]] + 0.01 * np.random.default_rng(8).standard_normal((2, DIM))  # another photo of them
     probes = write_embeddings(tmp_path / "p.parquet", ["p0", "p1"], near, id_column="probe_id")
     wid = submit(
@@ -71,7 +71,7 @@ def build(tmp_path: Path, index: str | None) -> tuple[Settings, np.ndarray, str]
 def test_erased_vector_bytes_are_gone_everywhere(tmp_path: Path, index: str | None) -> None:
     settings, target, _ = build(tmp_path, index)
     f32, f16 = vector_patterns([target])
-    table_dir = settings.lance_dir / "image_embeddings.lance" / "data"
+    table_dir = (settings.local_home / "lance") / "image_embeddings.lance" / "data"
     (table_dir / "00ff-crashed-writer.lance").write_bytes(b"junk" + f16 + f32)  # a crashed writer's leftover
     assert scan_for(settings.home, [f32])  # negative control: the scan finds the float32 bytes...
     assert scan_for(settings.home, [f16])  # ...and the float16 bytes, before the erasure
@@ -88,31 +88,31 @@ def test_erased_vector_bytes_are_gone_everywhere(tmp_path: Path, index: str | No
     assert receipt["result_sets_rewritten"] == [runs[0]["run_id"]]
     rewritten = load_run(settings.store, runs[0]["run_id"])
     assert gid not in rewritten.column("gallery_id").to_pylist() and rewritten.num_rows == 2 * 3 - 1
-    gallery = Gallery(settings.lance_dir)
+    gallery = Gallery(settings.storage)
     assert gallery.count("image_embeddings") == N - 1
     assert all(len(gallery.open(n).list_versions()) == 1 for n in ("image_embeddings", "probes"))
     if index:
         assert gallery.open("image_embeddings").list_indices()  # rebuilt, not lost
     record = AuditLog.of(settings).records()[-1]
     assert record["action"] == "erase" and record["receipt_id"] == receipt["receipt_id"]
-    receipt_file = settings.home / "erasure" / "receipts" / f"{receipt['receipt_id']}.json"
+    receipt_file = settings.local_home / "erasure" / "receipts" / f"{receipt['receipt_id']}.json"
     import hashlib
 
     assert hashlib.sha256(receipt_file.read_bytes()).hexdigest() == record["receipt_hash"]
-    assert "subj-target" not in (settings.lance_dir / "image_embeddings.lance").as_posix()
+    assert "subj-target" not in ((settings.local_home / "lance") / "image_embeddings.lance").as_posix()
 
 
 def test_refused_when_removal_cannot_be_guaranteed(tmp_path: Path) -> None:
     settings, _, _ = build(tmp_path, None)
-    table = Gallery(settings.lance_dir).open("image_embeddings")
+    table = Gallery(settings.storage).open("image_embeddings")
     table.tags.create("keep-me", table.version)
     with pytest.raises(Refused, match="tagged versions"):
         erase(settings, "r", "dpo-1", subject_id="subj-target")
-    assert Gallery(settings.lance_dir).count("image_embeddings") == N  # nothing removed
+    assert Gallery(settings.storage).count("image_embeddings") == N  # nothing removed
     table.tags.delete("keep-me")
     with another_writer(settings), pytest.raises(Refused, match="another writer"):  # another writer runs
         erase(settings, "r", "dpo-1", subject_id="subj-target")
-    assert Gallery(settings.lance_dir).count("image_embeddings") == N
+    assert Gallery(settings.storage).count("image_embeddings") == N
     with pytest.raises(Refused, match="exactly one"):
         erase(settings, "r", "dpo-1", subject_id="a", source_id="b")
 
@@ -129,7 +129,7 @@ def test_an_erased_image_is_never_ingested_again(tmp_path: Path) -> None:
     import hashlib
 
     image_id = hashlib.sha256(data).hexdigest()
-    vector = np.array(Gallery(settings.lance_dir).read("faces").column("vector").to_pylist()[0], np.float32)
+    vector = np.array(Gallery(settings.storage).read("faces").column("vector").to_pylist()[0], np.float32)
     receipt = erase(settings, "erasure request", "dpo-1", image_id=image_id)
     assert receipt["removed_rows"]["faces"] == 1 and receipt["removed_rows"]["images"] == 1
     assert scan_for(settings.home, vector_patterns([vector])) == []
@@ -139,7 +139,7 @@ def test_an_erased_image_is_never_ingested_again(tmp_path: Path) -> None:
     )  # the same photo again, in a new shard
     summary = run_ingest(settings, tmp_path / "s2", modality="face", face_model="facenet-untrained", progress=False)
     assert summary["quarantine_reasons"] == {"ERASED": 1}
-    assert image_id not in Gallery(settings.lance_dir).read("faces").column("image_id").to_pylist()
+    assert image_id not in Gallery(settings.storage).read("faces").column("image_id").to_pylist()
 
 
 def test_erase_cli(tmp_path: Path) -> None:

@@ -33,11 +33,12 @@ from jobs.retention import run_retention
 from jobs.review import review_candidate
 from jobs.watchlist import Submission, submit
 from lance_tables.erasure import vector_patterns
-from lance_tables.store import Gallery, sql_list
+from lance_tables.store import Gallery
 from pipelines.audit import AuditLog
 from pipelines.errors import GalleryMatchError
 from pipelines.results import list_runs, load_run
 from pipelines.settings import Settings
+from pipelines.sql import sql_list
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "subj-target"
@@ -120,7 +121,7 @@ def build_world(root: Path, rows: int = 300, dim: int = 32, index: bool = False)
         from lancedb.index import IvfPq
 
         config = IvfPq(distance_type="cosine", num_partitions=16, num_sub_vectors=dim // 8)
-        Gallery(settings.lance_dir).ensure("image_embeddings").create_index("vector", config=config)
+        Gallery(settings.storage).ensure("image_embeddings").create_index("vector", config=config)
     near = vecs[[5, 9, 40]] + 0.05 * rng.standard_normal((3, dim))
     probes_a = embeddings_file(root / "pa.parquet", ["p0", "p1", "p2"], list(near), [None, None, TARGET], "probe_id")
     near_b = vecs[[20, 21]] + 0.05 * rng.standard_normal((2, dim))
@@ -128,7 +129,7 @@ def build_world(root: Path, rows: int = 300, dim: int = 32, index: bool = False)
     run_a = run_match(settings, watchlist(settings, probes_a, "a"))["run_id"]
     run_b = run_match(settings, watchlist(settings, probes_b, "b"))["run_id"]
 
-    store = Gallery(settings.lance_dir)
+    store = Gallery(settings.storage)
     where = f"subject_id IN {sql_list([TARGET])}"
     vectors, gallery_ids = [], set()
     for name, key in (("image_embeddings", "embedding_id"), ("faces", "face_id"), ("probes", "probe_key")):
@@ -199,7 +200,7 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def erase_process(settings: Settings, kill_at: str | None = None) -> subprocess.Popen[bytes]:
-    started = settings.home.parent / "erase-started"
+    started = settings.local_home.parent / "erase-started"
     started.unlink(missing_ok=True)
     extra = {"GALLERYMATCH_KILL_AT": kill_at} if kill_at else {}
     return subprocess.Popen(
@@ -212,7 +213,7 @@ def erase_process(settings: Settings, kill_at: str | None = None) -> subprocess.
 
 
 def wait_started(settings: Settings, proc: subprocess.Popen[bytes]) -> float:
-    started = settings.home.parent / "erase-started"
+    started = settings.local_home.parent / "erase-started"
     deadline = time.monotonic() + 120
     while not started.exists():
         assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
@@ -229,7 +230,7 @@ def killed_at(settings: Settings, point: str) -> None:
 
 def assert_erased(world: World, receipt: dict[str, Any] | None = None) -> None:
     """Everything about the subject is gone, nothing else is, and the record of it is true and complete."""
-    settings, gallery = world.settings, Gallery(world.settings.lance_dir)
+    settings, gallery = world.settings, Gallery(world.settings.storage)
     where = f"subject_id IN {sql_list([TARGET])}"
     for name in TABLES:
         table = gallery.open(name)
@@ -250,20 +251,20 @@ def assert_erased(world: World, receipt: dict[str, Any] | None = None) -> None:
         assert TARGET not in table.column("subject_id").to_pylist()
         assert run_id != world.named_run or "p2" not in table.column("probe_id").to_pylist()
     named = {f"{Path(m['path']).name}/{p['file']}" for m in runs.values() for p in m["parts"]}
-    on_disk = {f"{p.parent.name}/{p.name}" for p in settings.results_dir.rglob("*") if p.is_file()}
+    on_disk = {f"{p.parent.name}/{p.name}" for p in (settings.local_home / "results").rglob("*") if p.is_file()}
     assert on_disk == named  # no superseded generation, no orphaned part still naming the subject
-    manifests = sorted(p.name for p in (settings.home / "manifests").rglob("*.json"))
+    manifests = sorted(p.name for p in (settings.local_home / "manifests").rglob("*.json"))
     assert len(manifests) == len(runs)
 
     assert scan_for(settings.home, vector_patterns(list(world.vectors))) == []
 
-    journal = settings.home / "erasure" / "journal"
+    journal = settings.local_home / "erasure" / "journal"
     plans = sorted(journal.glob("*/plan.json"))
     assert len(plans) == 1, sorted(p.relative_to(journal) for p in journal.rglob("*"))
     folder = plans[0].parent
     assert sorted(p.name for p in journal.iterdir()) == [folder.name]  # no other journal kept the vectors
     assert (folder / "done.json").exists() and not (folder / "vectors.npz").exists()
-    stored = json.loads((settings.home / "erasure" / "receipts" / f"{folder.name}.json").read_text())
+    stored = json.loads((settings.local_home / "erasure" / "receipts" / f"{folder.name}.json").read_text())
     assert stored["ok"] and stored["removed_rows"] == REMOVED
     assert all(c["passed"] for c in stored["checks"])
     assert stored["checks"][0]["vectors"] == len(world.vectors)
@@ -277,7 +278,7 @@ def assert_erased(world: World, receipt: dict[str, Any] | None = None) -> None:
     assert report["incomplete_actions"] == []
     outcomes = [r for r in log.records() if r["action"] == "erase" and r.get("phase") == "outcome"]
     assert any(r["status"] == "ok" and r.get("receipt_id") == folder.name for r in outcomes)
-    assert not (settings.home / "locks" / "writer.json").exists()
+    assert not (settings.local_home / "locks" / "writer.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -289,13 +290,13 @@ def test_everything_about_the_person_goes(template: World, tmp_path: Path) -> No
     """Uninterrupted, and the baseline every crash case is held to: their gallery rows, their quarantined photo,
     their probe in a watchlist, the reviews of their candidates and of their probe, their rows in result sets."""
     world = clone(template, tmp_path)
-    gallery, where = Gallery(world.settings.lance_dir), f"subject_id IN {sql_list([TARGET])}"
+    gallery, where = Gallery(world.settings.storage), f"subject_id IN {sql_list([TARGET])}"
     assert gallery.count("quarantine", where) == 1 and gallery.count("probes", where) == 1
     reviews = gallery.read("reviews").to_pylist()
     assert {r["probe_id"] for r in reviews if r["review_id"] not in world.kept_reviews} == {"p0", "p2"}
     receipt = erase(world.settings, "data subject request 41", "dpo-1", subject_id=TARGET)
     assert_erased(world, receipt)
-    left = Gallery(world.settings.lance_dir).read("probes", columns=["probe_id"]).column("probe_id").to_pylist()
+    left = Gallery(world.settings.storage).read("probes", columns=["probe_id"]).column("probe_id").to_pylist()
     assert sorted(left) == ["p0", "p1", "q0", "q1"]  # the other probes of their watchlist stay
 
 
@@ -331,14 +332,14 @@ def test_an_erase_killed_before_its_plan_leaves_no_copy_of_the_vectors(template:
     but the next writer deletes that copy of the vectors and closes the dead command's audit record."""
     world = clone(template, tmp_path)
     killed_at(world.settings, "erase:before-plan")
-    journal = world.settings.home / "erasure" / "journal"
+    journal = world.settings.local_home / "erasure" / "journal"
     assert list(journal.glob("*/vectors.npz"))  # the crash left a copy of the subject's vectors
     run_retention(world.settings)
     assert not journal.exists() or not any(p.is_file() for p in journal.rglob("*"))
     report = AuditLog.of(world.settings).verify()
     assert report["ok"] and report["incomplete_actions"] == []
     where = f"subject_id IN {sql_list([TARGET])}"
-    assert Gallery(world.settings.lance_dir).count("image_embeddings", where) == 1  # no plan, nothing removed
+    assert Gallery(world.settings.storage).count("image_embeddings", where) == 1  # no plan, nothing removed
     assert_erased(world, erase(world.settings, "data subject request 41", "dpo-1", subject_id=TARGET))
 
 
@@ -347,7 +348,7 @@ def test_a_failed_check_never_turns_green(template: World, tmp_path: Path) -> No
     plan and fails again (never `ok` with zero vectors scanned); once the copy is gone the plan completes."""
     world = clone(template, tmp_path)
     settings = world.settings
-    stray = settings.home / "stray.bin"
+    stray = settings.local_home / "stray.bin"
     stray.write_bytes(b"a backup tool's leftover" + vector_patterns([world.vectors[0]])[0])
     with pytest.raises(GalleryMatchError, match="FAILED"):
         erase(settings, "data subject request 41", "dpo-1", subject_id=TARGET)
@@ -355,11 +356,11 @@ def test_a_failed_check_never_turns_green(template: World, tmp_path: Path) -> No
         with pytest.raises(GalleryMatchError, match="FAILED"):
             erase(settings, "data subject request 41", "dpo-2", subject_id=TARGET)
     run_retention(settings)  # another writer neither greens nor drops the failed plan
-    journal = settings.home / "erasure" / "journal"
+    journal = settings.local_home / "erasure" / "journal"
     (plan,) = journal.glob("*/plan.json")
     assert (plan.parent / "vectors.npz").exists() and not (plan.parent / "done.json").exists()
     assert len(list(plan.parent.glob("checks-failed-*.json"))) == 3
-    assert not list((settings.home / "erasure").glob("receipts/*.json"))  # no receipt while a check fails
+    assert not list((settings.local_home / "erasure").glob("receipts/*.json"))  # no receipt while a check fails
     stray.unlink()
     receipt = erase(settings, "data subject request 41", "dpo-2", subject_id=TARGET)
     scan = receipt["checks"][0]
@@ -380,7 +381,7 @@ def test_a_kept_row_with_the_same_bytes_is_reported_not_failed(tmp_path: Path) -
         tmp_path / "g.parquet", [f"r{i}" for i in range(40)] + ["twin-a", "twin-b"], [*vecs, twin, twin], subjects
     )
     run_import(settings, path, "archive", "model-a", "image", 16)
-    gallery = Gallery(settings.lance_dir)
+    gallery = Gallery(settings.storage)
     rows = gallery.read("image_embeddings", columns=["record_id", "vector"]).to_pylist()
     stored = {r["record_id"]: np.asarray(r["vector"], np.float32) for r in rows}
     assert stored["twin-a"].tobytes() == stored["twin-b"].tobytes() == stored["r3"].tobytes()
@@ -406,7 +407,7 @@ def test_an_erase_killed_on_a_timer_is_finished_by_its_rerun(tmp_path: Path) -> 
     measured = clone(world, tmp_path / "measured")
     proc = erase_process(measured.settings)
     start = wait_started(measured.settings, proc)
-    journal = measured.settings.home / "erasure" / "journal"
+    journal = measured.settings.local_home / "erasure" / "journal"
     while not list(journal.glob("*/done.json")):  # the erase's duration: until its journal is done
         assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
         time.sleep(0.005)
@@ -423,13 +424,13 @@ def test_an_erase_killed_on_a_timer_is_finished_by_its_rerun(tmp_path: Path) -> 
         proc.communicate(timeout=300)
         assert proc.returncode in (0, -signal.SIGKILL), proc.returncode
         killed += proc.returncode == -signal.SIGKILL
-        journal = case.settings.home / "erasure" / "journal"
+        journal = case.settings.local_home / "erasure" / "journal"
         if list(journal.glob("*/done.json")):  # killed after the plan was done: nothing left to rerun
             run_retention(case.settings)
             assert_erased(case)
         else:
             assert_erased(case, erase(case.settings, "data subject request 41", "dpo-1", subject_id=TARGET))
-        assert Gallery(case.settings.lance_dir).ensure("image_embeddings").list_indices()  # rebuilt, not lost
+        assert Gallery(case.settings.storage).ensure("image_embeddings").list_indices()  # rebuilt, not lost
     assert killed >= 3, f"only {killed} of 4 erases were still running when killed ({duration:.1f} s measured)"
 
 
@@ -482,6 +483,6 @@ def test_an_erase_killed_while_writing_an_object_leaves_no_torn_copy(
         check=False,
     )
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-3000:]
-    assert list(world.settings.home.rglob(".objtmp-*"))  # the crash left a temporary file
+    assert list(world.settings.local_home.rglob(".objtmp-*"))  # the crash left a temporary file
     assert_erased(world, erase(world.settings, "data subject request 41", "dpo-1", subject_id=TARGET))
-    assert not list(world.settings.home.rglob(".objtmp-*"))
+    assert not list(world.settings.local_home.rglob(".objtmp-*"))

@@ -17,16 +17,17 @@ from PIL import Image
 
 from jobs.import_embeddings import run_import
 from jobs.ingest import run_ingest
-from lance_tables.schemas import QUARANTINE, image_embeddings_schema, to_arrow
-from lance_tables.store import Gallery, sql_list, sql_str
+from lance_tables.store import Gallery
 from pipelines import samples
 from pipelines.embed import EmbedStage
 from pipelines.errors import Refused
 from pipelines.models import MAX_DIM, check_model_id
 from pipelines.prepare import PreparedShard, PrepareStage
 from pipelines.probes import probes_from_embeddings
+from pipelines.schemas import QUARANTINE, SHARD_SCHEMA, image_embeddings_schema, to_arrow
 from pipelines.settings import Settings
-from pipelines.shards import SHARD_SCHEMA, check_id, find_shards, pack_folder, read_metadata_csv, shard_key
+from pipelines.shards import check_id, find_shards, pack_folder, read_metadata_csv, shard_key
+from pipelines.sql import sql_list, sql_str
 from pipelines.task import IngestTask, WorkItem
 
 BAD_IDS = ["CASE-11\n", "Jane Doe", "s-1 ", " s-1", "x" * 65, "o'brien", "", "a/b", "CASE-\u0661", "\x00"]
@@ -127,7 +128,7 @@ def test_import_without_a_minor_column_is_refused_unless_allowed(settings: Setti
     with pytest.raises(Refused, match=r"no 'minor' column.*allow_undeclared_minors") as info:
         import_file(settings, path)
     assert "\n" not in str(info.value)
-    assert Gallery(settings.lance_dir).names() == ["sources"]
+    assert Gallery(settings.storage).names() == ["sources"]
     summary = import_file(settings, path, allow_undeclared_minors=True)
     assert summary["imported"] == 2
     assert [r["minor"] for r in table_rows(settings, "image_embeddings")] == [False, False]
@@ -175,7 +176,7 @@ def test_hostile_embedding_files_get_a_one_line_refusal(
     with pytest.raises(Refused, match=message) as info:
         import_file(settings, path)
     assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
-    assert Gallery(settings.lance_dir).names() == ["sources"]
+    assert Gallery(settings.storage).names() == ["sources"]
 
 
 # ---------------------------------------------------------------- --dim is capped and must agree
@@ -191,7 +192,7 @@ def test_an_absurd_dim_never_fixes_the_table_width(settings: Settings, tmp_path:
         run_import(settings, path, "archive", IMAGE, "image", 768)
     with pytest.raises(Refused, match="--dim 128 disagrees"):
         run_import(settings, path, "archive", FACE, "face", 128)
-    assert Gallery(settings.lance_dir).open("image_embeddings") is None
+    assert Gallery(settings.storage).open("image_embeddings") is None
     run_import(settings, path, "archive", "vendor-img-v1", "image", DIM)
     with pytest.raises(Refused, match=f"holds {DIM}-d vectors"):
         run_import(settings, path, "archive", "vendor-img-v2", "image", 16)
@@ -249,7 +250,7 @@ def ledger_rows(keys: list[str]) -> pa.Table:
         | {"quarantined": 0, "finished_at": now}
         for i, k in enumerate(keys)
     ]
-    from lance_tables.schemas import LEDGER
+    from pipelines.schemas import LEDGER
 
     return to_arrow(rows, LEDGER)
 
@@ -283,7 +284,7 @@ def test_a_crafted_model_id_is_refused_before_anything_is_written(
     settings: Settings, tmp_path: Path, sample_shards: Path
 ) -> None:
     register(settings)
-    gallery = Gallery(settings.lance_dir)
+    gallery = Gallery(settings.storage)
     plant_embedded_rows(gallery, IMAGE)
     versions = {name: gallery.version(name) for name in gallery.names()}
     with pytest.raises(Refused, match="not a valid model id"):

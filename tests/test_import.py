@@ -101,7 +101,7 @@ def test_malformed_files_are_refused_and_store_nothing(
     pq.write_table(pa.table(columns), path)
     with pytest.raises(Refused, match=message):
         run_import(settings, path, "archive", "vendor-face-v1", "face", None)
-    assert Gallery(settings.lance_dir).names() == ["sources"]
+    assert Gallery(settings.storage).names() == ["sources"]
 
 
 def test_not_parquet_and_unregistered_source(settings: Settings, tmp_path: Path) -> None:

@@ -95,24 +95,24 @@ def test_status_reports_the_contract_counts(reference: tuple[Settings, dict]) ->
 def test_rerun_is_idempotent(reference: tuple[Settings, dict], sample_shards: Path) -> None:
     settings, first = reference
     before = snapshot(settings)
-    versions = {n: Gallery(settings.lance_dir).version(n) for n in ("faces", "images", "ledger")}
+    versions = {n: Gallery(settings.storage).version(n) for n in ("faces", "images", "ledger")}
     again = ingest(settings, sample_shards, engine="local")
     assert again["shards_processed"] == 0 and again["shards_skipped"] == first["shards"]
     assert snapshot(settings) == before
-    assert versions == {n: Gallery(settings.lance_dir).version(n) for n in ("faces", "images", "ledger")}
+    assert versions == {n: Gallery(settings.storage).version(n) for n in ("faces", "images", "ledger")}
 
 
 def test_unregistered_source_is_refused_before_any_work(settings: Settings, sample_shards: Path) -> None:
     with pytest.raises(Refused, match="unregistered source"):
         ingest(settings, sample_shards, engine="local")
-    assert Gallery(settings.lance_dir).names() == []
+    assert Gallery(settings.storage).names() == []
 
 
 def test_missing_weights_refused_before_any_work(settings: Settings, sample_shards: Path) -> None:
     register(settings)
     with pytest.raises(ModelWeightsUnavailable, match=r"20180402-114759-vggface2\.pt"):
         run_ingest(settings, sample_shards, face_model="facenet-vggface2", image_model=IMAGE, progress=False)
-    assert Gallery(settings.lance_dir).names() == ["sources"]
+    assert Gallery(settings.storage).names() == ["sources"]
 
 
 def test_modalities_add_up_and_resume_per_part(
@@ -121,7 +121,7 @@ def test_modalities_add_up_and_resume_per_part(
     register(settings)
     face_only = ingest(settings, sample_shards, modality="face")
     assert face_only["image_embeddings"] == 0 and face_only["faces"] == 12
-    assert Gallery(settings.lance_dir).open("image_embeddings") is None
+    assert Gallery(settings.storage).open("image_embeddings") is None
     both = ingest(settings, sample_shards, modality="all")
     assert both["shards_processed"] == both["shards"] and both["faces"] == 0 and both["image_embeddings"] == 13
     assert_same_rows(snapshot(settings), snapshot(reference[0]))
@@ -196,7 +196,7 @@ def _run_and_kill(settings: Settings, shards: Path, ledgered: int, delay: float)
 
 def _ledger_rows(settings: Settings) -> int:
     try:
-        return Gallery(settings.lance_dir).count("ledger")
+        return Gallery(settings.storage).count("ledger")
     except Exception:  # noqa: BLE001 - the table may be mid-creation
         return 0
 

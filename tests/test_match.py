@@ -21,7 +21,8 @@ from lance_tables.watchlists import close_watchlist
 from pipelines.audit import AuditLog
 from pipelines.embed import embedding_id
 from pipelines.errors import Refused
-from pipelines.results import NOTICE, RESULT_SCHEMA, list_runs, load_run, scan_results
+from pipelines.results import NOTICE, list_runs, load_run, scan_results
+from pipelines.schemas import RESULT_SCHEMA
 from pipelines.settings import Settings
 
 DIM = 16
@@ -159,10 +160,10 @@ def test_result_set_contract(gallery, tmp_path: Path) -> None:  # type: ignore[n
     assert meta["top_k"] == "3" and meta["model_id"] == "model-a"
     assert int(meta["gallery_version"]) == run["gallery_version"] and float(meta["threshold"]) == 0.5
     assert pq.read_schema(part).remove_metadata().equals(RESULT_SCHEMA)
-    root = settings.results_dir
+    root = settings.local_home / "results"
     frame = pl.scan_parquet(root, hive_partitioning=True).collect()
     assert frame.height == 6 and set(frame["rank"].to_list()) == {1, 2, 3}
-    assert scan_results(settings.store).filter(pl.col("rank") == 1).collect().height == 2
+    assert scan_results(settings.storage).filter(pl.col("rank") == 1).collect().height == 2
     count = duckdb.sql(f"select count(*) from read_parquet('{root}/**/*.parquet', hive_partitioning=true)")
     assert count.fetchall() == [(6,)]
     assert [r["run_id"] for r in list_runs(settings.store)] == [run["run_id"]]
@@ -208,13 +209,15 @@ def test_a_crash_before_the_manifest_leaves_no_run_and_is_swept(
     with pytest.raises(OSError, match="killed"):
         run_match(settings, wid)
     monkeypatch.undo()
-    assert any(settings.results_dir.rglob("part-*.parquet"))  # the parts were written...
+    assert any((settings.local_home / "results").rglob("part-*.parquet"))  # the parts were written...
     assert list_runs(settings.store) == []  # ...but no run exists for the API
-    assert scan_results(settings.store).collect().height == 0
-    assert isinstance(scan_results(settings.store), pl.LazyFrame)
+    assert scan_results(settings.storage).collect().height == 0
+    assert isinstance(scan_results(settings.storage), pl.LazyFrame)
     (intent,) = [r for r in AuditLog.of(settings).records() if r.get("phase") == "intent" and r["action"] == "match"]
     run = run_match(settings, wid)  # the next writer sweeps the orphans and closes the dead search's record
-    assert [p.parent.name for p in settings.results_dir.rglob("part-*.parquet")] == [f"run_id={run['run_id']}"]
+    assert [p.parent.name for p in (settings.local_home / "results").rglob("part-*.parquet")] == [
+        f"run_id={run['run_id']}"
+    ]
     outcomes = [r for r in AuditLog.of(settings).records() if r.get("intent_seq") == intent["seq"]]
     assert [o["status"] for o in outcomes] == ["failed"]
 
@@ -277,7 +280,7 @@ def test_refusals_store_nothing(gallery, tmp_path: Path) -> None:  # type: ignor
     for change, message in cases:
         with pytest.raises(Refused, match=message):
             submit(settings, Submission(**(good | change)))  # type: ignore[arg-type]
-    gallery_db = Gallery(settings.lance_dir)
+    gallery_db = Gallery(settings.storage)
     assert gallery_db.count("watchlists") == 0 and gallery_db.count("probes") == 0
     bad = write_embeddings(
         tmp_path / "bad.parquet", ["p0", "p1"], np.array([[1.0] * DIM, [np.nan] * DIM]), id_column="probe_id"
@@ -290,7 +293,7 @@ def test_refusals_store_nothing(gallery, tmp_path: Path) -> None:  # type: ignor
 def test_closed_and_expired_watchlists_are_not_matched(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     settings, vectors, _ = gallery
     wid = watch(settings, tmp_path, vectors["model-a"][:1])
-    close_watchlist(Gallery(settings.lance_dir), wid, "analyst-2")
+    close_watchlist(Gallery(settings.storage), wid, "analyst-2")
     with pytest.raises(Refused, match="closed"):
         run_match(settings, wid)
 
@@ -338,10 +341,10 @@ def test_an_export_into_the_home_is_refused(gallery, tmp_path: Path) -> None:  #
     settings, vectors, _ = gallery
     run = run_match(settings, watch(settings, tmp_path, vectors["model-a"][:2], top_k=3))
     before = len(AuditLog.of(settings).records())
-    for target in (settings.results_dir, settings.home, settings.home / "exports"):
+    for target in ((settings.local_home / "results"), settings.home, settings.local_home / "exports"):
         with pytest.raises(Refused, match="inside GALLERYMATCH_HOME"):
             export_run(settings, run["run_id"], target, "unit-1")
-    assert len(list(settings.results_dir.rglob("*.parquet"))) == 1  # nothing doubled what the API reads
+    assert len(list((settings.local_home / "results").rglob("*.parquet"))) == 1  # nothing doubled what the API reads
     assert len(AuditLog.of(settings).records()) == before
     done = export_run(settings, run["run_id"], tmp_path / "out", "unit-1")
     assert done["rows"] == 6 and len(list((tmp_path / "out").rglob("part-*.parquet"))) == 1
@@ -355,9 +358,9 @@ def test_result_sets_written_before_generations_still_read(gallery, tmp_path: Pa
 
     settings, vectors, _ = gallery
     run = run_match(settings, watch(settings, tmp_path, vectors["model-a"][:2], top_k=3))
-    (part,) = settings.results_dir.rglob("part-*.parquet")
+    (part,) = (settings.local_home / "results").rglob("part-*.parquet")
     part.rename(part.with_name("part-00000.parquet"))
-    (manifest,) = (settings.home / "manifests").rglob("*.json")
+    (manifest,) = (settings.local_home / "manifests").rglob("*.json")
     body = json.loads(manifest.read_text())
     body["parts"][0]["file"] = "part-00000.parquet"
     body.pop("generation")

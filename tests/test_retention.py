@@ -22,11 +22,12 @@ from jobs.match import run_match
 from jobs.retention import run_retention
 from jobs.watchlist import Submission, submit
 from lance_tables.erasure import vector_patterns
-from lance_tables.store import Gallery, sql_list
+from lance_tables.store import Gallery
 from lance_tables.watchlists import get_watchlist
 from pipelines.audit import AuditLog
 from pipelines.results import list_runs, load_run, read_run, scan_results, write_result_set
 from pipelines.settings import Settings
+from pipelines.sql import sql_list
 
 DIM = 32
 RESULTS_DAYS = 30
@@ -61,7 +62,7 @@ def retention_settings(home: Path) -> Settings:
 
 
 def probes_of(settings: Settings, watchlist_id: str) -> list[np.ndarray]:
-    rows = Gallery(settings.lance_dir).read(
+    rows = Gallery(settings.storage).read(
         "probes", columns=["vector"], where=f"watchlist_id IN {sql_list([watchlist_id])}"
     )
     return [np.asarray(v, np.float32) for v in rows.column("vector").to_pylist()] if rows.num_columns else []
@@ -117,7 +118,7 @@ def build_home(root: Path) -> Home:
 
 
 def assert_retained(home: Home) -> None:
-    settings, gallery = home.settings, Gallery(home.settings.lance_dir)
+    settings, gallery = home.settings, Gallery(home.settings.storage)
     assert get_watchlist(gallery, home.expiring)["status"] == "expired"
     assert get_watchlist(gallery, home.staying)["status"] == "open"
     assert probes_of(settings, home.expiring) == []
@@ -129,12 +130,12 @@ def assert_retained(home: Home) -> None:
     for run_id, rows in home.recent.items():
         assert load_run(settings.store, run_id).num_rows == rows  # recent result sets intact
     for run_id in home.old:  # old result sets gone entirely: no manifest, no part, no folder
-        assert not list((settings.home / "manifests").rglob(f"{run_id}.*"))
-        assert not list(settings.results_dir.rglob(f"run_id={run_id}"))
-    assert scan_results(settings.store).collect().height == sum(home.recent.values())
+        assert not list((settings.local_home / "manifests").rglob(f"{run_id}.*"))
+        assert not list((settings.local_home / "results").rglob(f"run_id={run_id}"))
+    assert scan_results(settings.storage).collect().height == sum(home.recent.values())
     report = AuditLog.of(settings).verify()
     assert report["ok"] and report["incomplete_actions"] == [], report
-    assert not (settings.home / "locks" / "writer.json").exists()
+    assert not (settings.local_home / "locks" / "writer.json").exists()
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +228,7 @@ def test_closed_probes_go_at_closing_plus_grace_or_at_expiry(tmp_path: Path, mon
     assert present(long)
     summary = run_retention(settings, now=closed_long + dt.timedelta(days=GRACE_DAYS))
     assert summary["probe_vectors_erased_for"] == [long] and not present(long)
-    gallery = Gallery(settings.lance_dir)
+    gallery = Gallery(settings.storage)
     assert {get_watchlist(gallery, w)["status"] for w in (long, short)} == {"closed"}  # not rewritten as expired
     assert run_retention(settings, now=closed_long + dt.timedelta(days=40))["probe_vectors_erased_for"] == []
     report = AuditLog.of(settings).verify()

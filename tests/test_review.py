@@ -46,7 +46,7 @@ def other_run(world: World) -> str:
 
 
 def status(world: World, run_id: str, probe_id: str, rank: int) -> str:
-    return effective_statuses(Gallery(world.settings.lance_dir))[(run_id, probe_id, rank)]
+    return effective_statuses(Gallery(world.settings.storage))[(run_id, probe_id, rank)]
 
 
 def test_one_person_under_several_spellings_never_confirms(template: World, tmp_path: Path) -> None:
@@ -72,7 +72,7 @@ def test_one_person_under_several_spellings_never_confirms(template: World, tmp_
     assert changed["review_status"] == "inconclusive"  # their own later decision replaces theirs: no longer confirmed
     with pytest.raises(Refused, match="no 'identified' status"):
         review_candidate(world.settings, run_id, "q1", 1, "confirmed_candidate", "rev-3")
-    reviewers = {r["reviewer"] for r in Gallery(world.settings.lance_dir).read("reviews").to_pylist()}
+    reviewers = {r["reviewer"] for r in Gallery(world.settings.storage).read("reviews").to_pylist()}
     assert reviewers == {"rev-1", "rev-2"}  # stored normalised
 
 
@@ -82,7 +82,7 @@ def test_a_candidate_of_an_erased_person_cannot_be_reviewed(template: World, tmp
     for probe_id in ("p0", "p2"):  # their gallery row's candidate, and the candidates of their probe photo
         with pytest.raises(Refused, match="no candidate"):
             review_candidate(world.settings, world.named_run, probe_id, 1, "potential_candidate", "rev-2")
-    reviews = Gallery(world.settings.lance_dir).read("reviews").to_pylist()
+    reviews = Gallery(world.settings.storage).read("reviews").to_pylist()
     assert {r["review_id"] for r in reviews} == world.kept_reviews
 
 
@@ -114,7 +114,7 @@ def test_a_review_submitted_during_an_erasure_waits_and_is_refused(template: Wor
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    gallery = Gallery(world.settings.lance_dir)
+    gallery = Gallery(world.settings.storage)
     reviews = gallery.read("reviews").to_pylist()
     assert not {r["gallery_id"] for r in reviews} & world.gallery_ids
     assert {r["review_id"] for r in reviews} == world.kept_reviews

@@ -10,8 +10,9 @@ import pytest
 from lance_tables.sources import add_source, list_sources, require_registered
 from lance_tables.store import Gallery
 from pipelines.errors import Refused
+from pipelines.schemas import SHARD_SCHEMA
 from pipelines.settings import Settings
-from pipelines.shards import SHARD_SCHEMA, find_shards, pack_folder, read_metadata_csv
+from pipelines.shards import find_shards, pack_folder, read_metadata_csv
 from pipelines.vocab import ACCEPTED_CHANNELS
 
 MB = 1024 * 1024
@@ -19,7 +20,7 @@ MB = 1024 * 1024
 
 @pytest.mark.parametrize("channel", ACCEPTED_CHANNELS)
 def test_accepted_channels(settings: Settings, channel: str) -> None:
-    gallery = Gallery(settings.lance_dir)
+    gallery = Gallery(settings.storage)
     row = add_source(gallery, "src-1", channel, "basis", "terms", None)
     assert row["created"] and [s["source_id"] for s in list_sources(gallery)] == ["src-1"]
 
@@ -35,14 +36,14 @@ def test_accepted_channels(settings: Settings, channel: str) -> None:
     ],
 )
 def test_refused_channels_store_nothing(settings: Settings, channel: str, why: str) -> None:
-    gallery = Gallery(settings.lance_dir)
+    gallery = Gallery(settings.storage)
     with pytest.raises(Refused, match=why):
         add_source(gallery, "src-1", channel, "basis", "terms", None)
     assert list_sources(gallery) == []
 
 
 def test_provenance_is_required_and_immutable(settings: Settings) -> None:
-    gallery = Gallery(settings.lance_dir)
+    gallery = Gallery(settings.storage)
     with pytest.raises(Refused, match="legal basis"):
         add_source(gallery, "s", "operator-owned", "  ", "terms", None)
     with pytest.raises(Refused, match="not a valid id"):

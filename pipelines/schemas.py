@@ -1,4 +1,6 @@
-"""Every LanceDB table's schema, declared once; writers build rows from these, never by inference."""
+"""Every schema of gallerymatch, declared once: the LanceDB tables, image shards and result sets.
+
+Writers build rows from these, never by inference; readers conform to them."""
 
 from __future__ import annotations
 
@@ -154,6 +156,64 @@ PROBES = pa.schema(
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("weights_digest", pa.string(), nullable=False),
         pa.field("created_at", TS, nullable=False),
+    ]
+)
+
+REVIEWS = pa.schema(
+    [
+        pa.field("review_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("probe_id", pa.string(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("gallery_id", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reviewer", pa.string(), nullable=False),
+        pa.field("reviewed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+ERASED = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("receipt_id", pa.string()),
+        pa.field("erased_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+# Image shards (Parquet, hive-partitioned by source_id): one row per image, bytes as-is.
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("image", pa.large_binary()),
+        pa.field("uri", pa.string()),
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("captured_at", pa.timestamp("us", tz="UTC")),
+        pa.field("minor", pa.bool_()),
+        pa.field("subject_id", pa.string()),
+        pa.field("num_bytes", pa.int64()),
+        pa.field("pack_error", pa.string()),
+    ]
+)
+
+# Result sets (Parquet parts under results/watchlist_id=/run_id=, manifest last).
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("watchlist_id", pa.string(), nullable=False),
+        pa.field("case_id", pa.string(), nullable=False),
+        pa.field("probe_id", pa.string(), nullable=False),
+        pa.field("subject_id", pa.string()),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("gallery_id", pa.string(), nullable=False),
+        pa.field("image_id", pa.string()),
+        pa.field("record_id", pa.string()),  # the importer's id of an imported vector (null for ingested images)
+        pa.field("source_id", pa.string(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),
+        pa.field("above_threshold", pa.bool_(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("gallery_version", pa.int64(), nullable=False),
+        pa.field("matched_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("review_status", pa.string(), nullable=False),
     ]
 )
 
