@@ -678,8 +678,8 @@ def test_a_legacy_one_file_log_is_adopted_into_the_chain(tmp_path: Path) -> None
     assert log.verify()["ok"]
     lines[1] = lines[1].replace(b'"match"', b'"matcH"')  # an altered legacy log is never adopted
     other = make_settings(tmp_path / "home2")
-    (other.home / "audit").mkdir(parents=True)
-    (other.home / "audit" / "audit.jsonl").write_bytes(b"\n".join(lines))
+    (other.local_home / "audit").mkdir(parents=True)
+    (other.local_home / "audit" / "audit.jsonl").write_bytes(b"\n".join(lines))
     with pytest.raises(AuditUnavailable, match="altered at record 2"):
         AuditLog.of(other).append("b", "review")
     assert other.store.list("audit/records/") == []

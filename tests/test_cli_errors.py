@@ -101,7 +101,7 @@ def test_usage_errors_exit_2_with_usage_and_no_traceback(home: Settings) -> None
         lines = quiet_failure(proc, 2)
         assert any(line.startswith("Usage:") for line in lines), (case, proc.stderr)
         assert lines[-1].startswith("Error:") and says in lines[-1], (case, proc.stderr)
-    assert not home.home.exists()  # refused before any work
+    assert not home.local_home.exists()  # refused before any work
 
 
 BAD_DATES = [
@@ -116,7 +116,7 @@ def test_dates_other_than_yyyy_mm_dd_are_refused(home: Settings) -> None:
     for args, proc in zip(BAD_DATES, cli_all(home, BAD_DATES), strict=True):
         [line] = quiet_failure(proc, 2)
         assert line.startswith(f"error: {args[-2]} must be") and "YYYY-MM-DD" in line and args[-1] in line, line
-    assert not home.home.exists()  # the date is checked before the probes path or the home is touched
+    assert not home.local_home.exists()  # the date is checked before the probes path or the home is touched
 
 
 def test_an_invalid_setting_is_one_line_naming_it(home: Settings) -> None:
