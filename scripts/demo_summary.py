@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from pipelines.api import results
+from jobs.api import results
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from jobs.retention import run_retention
 from jobs.review import review_candidate
 from jobs.watchlist import Submission, submit
 from lance_tables.store import Gallery
-from pipelines.api import results
+from jobs.api import results
 from pipelines.audit import AuditLog
 from pipelines.errors import Refused
 from pipelines.results import list_runs

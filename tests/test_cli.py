@@ -152,7 +152,7 @@ def test_watchlist_of_photos_end_to_end(tmp_path: Path) -> None:
     import polars as pl
 
     from pipelines import samples
-    from pipelines.api import results
+    from jobs.api import results
 
     home, gallery_dir, probe_dir = tmp_path / "home", tmp_path / "gallery", tmp_path / "probes"
     gallery_dir.mkdir()

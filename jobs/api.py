@@ -15,7 +15,7 @@ def results(home: str | Path | None = None) -> Any:
     immutable; they say `unreviewed`).
 
     >>> import polars as pl
-    >>> from pipelines.api import results
+    >>> from jobs.api import results
     >>> results("/data/gallerymatch").filter(pl.col("above_threshold")).group_by("case_id").len().collect()
     """
     import polars as pl
