@@ -1,53 +1,46 @@
-"""Modal app: the same two ingest stages on Modal GPUs; the driver commits to LanceDB on object storage.
+"""The deployable Modal app: the Modal engine's ingest workers plus a nightly retention run.
 
-Deploy/run needs a Modal account (`modal token new`). Shards must be at URIs the containers can read
-(object storage), and GALLERYMATCH_HOME should point at object storage too: LanceDB on Modal
-Volumes is reported not to work (modal-client#2211). Tests call `IngestWorker().process.local(...)`.
+Nothing in the project imports this module; it imports the project. The ingest workers, their image and
+the way an ingest drives them belong to the engine (`pipelines/engines/modal.py`); this wrapper adds what a
+deployment needs on top:
+
+- `modal run infra/modal_app.py --shards-dir s3://...`: the ingest job with Modal as the engine (the same
+  as `gallerymatch ingest SHARDS --engine modal`);
+- `modal deploy infra/modal_app.py`: the workers, and `retention` every night at 03:00 UTC against the home
+  in the Modal secret `gallerymatch` (GALLERYMATCH_HOME=s3://..., the AWS_* variables, and
+  GALLERYMATCH_AUDIT_KEY_DIR on a volume of its own, outside the home).
 """
 
 from __future__ import annotations
 
-import pickle
-from pathlib import Path
+from typing import Any
 
 import modal
 
-from pipelines.embed import EmbedStage
-from pipelines.prepare import PrepareStage
+from pipelines.engines.modal import app as ingest_app
+from pipelines.engines.modal import image as engine_image
 
-ROOT = Path(__file__).resolve().parents[1]
+app = modal.App("gallerymatch")
+app.include(ingest_app)
 
-app = modal.App("gallerymatch-ingest")
+jobs_image = engine_image.add_local_python_source("jobs", "lance_tables", "infra")
+SECRET = "gallerymatch"
+AUDIT_KEYS = "/audit-keys"
 
-image = (
-    modal.Image.debian_slim(python_version="3.11")
-    .uv_sync(str(ROOT), frozen=True)
-    .env({"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"})
-    .add_local_python_source("pipelines", "lance_tables", "jobs", "infra")
+
+@app.function(
+    image=jobs_image,
+    schedule=modal.Cron("0 3 * * *"),
+    secrets=[modal.Secret.from_name(SECRET)],
+    volumes={AUDIT_KEYS: modal.Volume.from_name("gallerymatch-audit-keys", create_if_missing=True)},
+    timeout=3600,
 )
+def retention() -> dict[str, Any]:
+    """`gallerymatch retention run`, on schedule: expire watchlists and delete result sets past retention."""
+    from jobs.retention import run_retention
+    from pipelines.settings import load_settings
 
-GPU = "L4"
-MAX_CONTAINERS = 8  # a capped GPU pool
-
-
-@app.cls(gpu=GPU, image=image, timeout=3600, max_containers=MAX_CONTAINERS)
-class IngestWorker:
-    """One container keeps its models loaded across shards (setup once, process many)."""
-
-    @modal.enter()
-    def start(self) -> None:
-        self.stages: dict[bytes, tuple[PrepareStage, EmbedStage]] = {}
-
-    @modal.method()
-    def process(self, task_blob: bytes, item_blob: bytes) -> bytes:
-        """Pickled IngestTask + WorkItem (a shard URI, never the payload) -> pickled ShardOutput."""
-        stages = self.__dict__.setdefault("stages", {})  # in-process `.local()` calls may skip @enter
-        if task_blob not in stages:
-            task = pickle.loads(task_blob)
-            stages[task_blob] = (PrepareStage(task), EmbedStage(task))
-        prepare, embed = stages[task_blob]
-        output = embed.process(prepare.process(pickle.loads(item_blob)))
-        return pickle.dumps(output, protocol=5)
+    return run_retention(load_settings())
 
 
 @app.local_entrypoint()
@@ -56,5 +49,5 @@ def main(shards_dir: str, modality: str = "all") -> None:
     from jobs.ingest import run_ingest
     from pipelines.settings import load_settings
 
-    summary = run_ingest(load_settings(), Path(shards_dir), modality, "modal")  # type: ignore[arg-type]
+    summary = run_ingest(load_settings(), shards_dir, modality, "modal")  # type: ignore[arg-type]
     print(summary)
