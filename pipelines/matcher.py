@@ -1,7 +1,7 @@
 """Exact top-K: a cheap filter with a proven error bound over every gallery block, then exact rescoring.
 
 For each block of gallery vectors, one matrix product (`filter_product`) gives approximate scores for every
-probe-gallery pair, int8 or float32: `choose_filter_kernel` (the CPU probing is in `pipelines.match_unit`) picks
+probe-gallery pair, int8 or float32: `choose_filter_kernel` (the CPU probing is in `pipelines.kernels`) picks
 int8 only on a CPU that runs it measurably faster than float32 BLAS (about twice on AVX-512 VNNI, ~80x slower on
 AVX2 alone), for batches of INT8_MIN_PROBES probes or more, and float32 elsewhere. Each approximate score
 is within a bound `b` of the true dot product, and the bound is computed, not assumed (see `ProbeSet`).
@@ -151,8 +151,8 @@ class ProbeSet:
 
 
 def choose_filter_kernel(n_probes: int, device: str = "cpu") -> str:
-    """The filter kernel, "int8" or "float32", for `n_probes` probes on `device` (`pipelines.match_unit` decides)."""
-    from pipelines.match_unit import choose_filter_kernel as choose  # the worker's CPU facts and timed probe
+    """The filter kernel, "int8" or "float32", for `n_probes` probes on `device` (`pipelines.kernels` decides)."""
+    from pipelines.kernels import choose_filter_kernel as choose  # the worker's CPU facts and timed probe
 
     return choose(n_probes, device)
 

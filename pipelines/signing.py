@@ -9,12 +9,19 @@ import os
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pipelines.errors import GalleryMatchError, Refused
 
-if TYPE_CHECKING:
-    from pipelines.storage import Storage
+
+class Home(Protocol):
+    """What signing needs of a home (a `pipelines.storage.Storage`): its URI and what lies inside it."""
+
+    @property
+    def uri(self) -> str: ...
+
+    def contains(self, location: str | Path) -> bool: ...
+
 
 PRIVATE = "audit-signing-key.pem"
 PUBLIC = "audit-signing-key.pub"
@@ -80,7 +87,7 @@ class Signer:
         return Checkpoint(**(asdict(unsigned) | {"signature": self.private.sign(unsigned.payload()).hex()}))
 
 
-def check_key_dir(key_dir: Path, home: Storage) -> Path:
+def check_key_dir(key_dir: Path, home: Home) -> Path:
     """The key must not live beside the log it protects: refuse a key folder inside the home."""
     key_dir = key_dir.expanduser().resolve()
     if home.contains(key_dir):

@@ -13,6 +13,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from test_match import DIM, sign_vectors, write_embeddings
 
+from jobs.api import results
 from jobs.audit_job import handed_out, verify_home
 from jobs.import_embeddings import run_import
 from jobs.match import run_match
@@ -21,7 +22,6 @@ from jobs.retention import run_retention
 from jobs.review import review_candidate
 from jobs.watchlist import Submission, submit
 from lance_tables.store import Gallery
-from jobs.api import results
 from pipelines.audit import AuditLog
 from pipelines.errors import Refused
 from pipelines.results import list_runs
