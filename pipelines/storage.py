@@ -131,9 +131,15 @@ def _client(config: S3Config) -> Any:
     client = _CLIENTS.get(config)
     if client is None:
         import boto3
+        import botocore.session
         from botocore.config import Config
 
+        core = botocore.session.Session()
+        for variable in ("config_file", "credentials_file"):  # no ~/.aws files: only the AWS_* variables count
+            core.set_config_variable(variable, os.devnull)
+        core.set_config_variable("profile", None)
         session = boto3.session.Session(
+            botocore_session=core,
             aws_access_key_id=config.access_key,
             aws_secret_access_key=config.secret_key,
             aws_session_token=config.session_token,
