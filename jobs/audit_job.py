@@ -41,6 +41,14 @@ def verify_home(settings: Settings, against: Path | None = None) -> dict[str, An
     return AuditLog.of(settings).verify(handed_out(settings), checkpoint)
 
 
+def records(settings: Settings, case_id: str | None = None) -> tuple[list[dict[str, Any]], set[Any]]:
+    """The audit records (of one case, if given) and the `intent_seq` of every outcome (a tampered record's
+    value is kept as it is: this is a view of the log, not a check of it)."""
+    every = AuditLog.of(settings).records()
+    closed = {r.get("intent_seq") for r in every if r.get("phase") == "outcome"}
+    return [r for r in every if case_id is None or r.get("case_id") == case_id], closed
+
+
 def export_checkpoint(settings: Settings, to: Path) -> dict[str, Any]:
     """A signed checkpoint of the current head, written to a file a third party keeps."""
     if to.exists():

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
+from jobs.options import iso_date, location
 from pipelines.errors import GalleryMatchError
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ results_app = typer.Typer(help="Summaries of result sets (candidate lists for hu
 app.add_typer(results_app, name="results")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
+WHERE = "a local path or an s3://bucket/prefix URI"
 ModalityOpt = Annotated[str, typer.Option("--modality", help="face | image | all")]
 
 
@@ -69,10 +71,9 @@ def sources_add(
 @sources_app.command("list")
 def sources_list(as_json: JsonOpt = False) -> None:
     """List registered sources."""
-    from lance_tables.sources import list_sources
-    from lance_tables.store import Gallery
+    from jobs.status import sources
 
-    rows = list_sources(Gallery(_settings().storage))
+    rows = sources(_settings())
     _emit(
         {"sources": rows},
         as_json,
@@ -85,7 +86,7 @@ def sources_list(as_json: JsonOpt = False) -> None:
 @app.command()
 def pack(
     images_dir: Path,
-    shards_dir: Path,
+    shards_dir: Annotated[str, typer.Argument(help=f"where the shards go: {WHERE}")],
     source: Annotated[str, typer.Option("--source", help="a registered source id")],
     rows_per_shard: Annotated[int | None, typer.Option(min=1, help="images per shard")] = None,
     metadata: Annotated[Path | None, typer.Option(help="CSV: path, subject_id, minor, captured_at")] = None,
@@ -105,7 +106,7 @@ def pack(
 
     _choice("--minor-default", minor_default or "true", ("true", "false"))
     default = None if minor_default is None else minor_default == "true"
-    report = pack_images(_settings(), images_dir, shards_dir, source, rows_per_shard, metadata, default)
+    report = pack_images(_settings(), images_dir, location(shards_dir), source, rows_per_shard, metadata, default)
     _emit(
         asdict(report),
         as_json,
@@ -119,7 +120,7 @@ def pack(
 
 @app.command()
 def ingest(
-    shards_dir: Path,
+    shards_dir: Annotated[str, typer.Argument(help=f"a shard or a folder of shards: {WHERE}")],
     modality: ModalityOpt = "all",
     engine: Annotated[
         str, typer.Option(help="ray (default) | local (in-process reference) | modal (needs an account)")
@@ -138,7 +139,7 @@ def ingest(
     _choice("--engine", engine, ("local", "ray", "modal"))
     result = run_ingest(
         _settings(),
-        shards_dir,
+        location(shards_dir),
         cast("Modality", modality),
         cast("Engine", engine),
         face_model,
@@ -162,7 +163,7 @@ def _ingest_human(r: dict[str, Any]) -> str:
 
 @app.command("import-embeddings")
 def import_embeddings(
-    file: Path,
+    file: Annotated[str, typer.Argument(help=f"the Parquet file: {WHERE}")],
     source: Annotated[str, typer.Option("--source", help="a registered source id")],
     model_id: Annotated[str, typer.Option("--model-id", help="the model that made the vectors")],
     modality: Annotated[str, typer.Option(help="face | image: the table the vectors go to")] = "face",
@@ -176,7 +177,7 @@ def import_embeddings(
     from jobs.import_embeddings import run_import
 
     _choice("--modality", modality, ("face", "image"))
-    result = run_import(_settings(), file, source, model_id, modality, dim, allow_undeclared_minors)  # type: ignore[arg-type]
+    result = run_import(_settings(), location(file), source, model_id, modality, dim, allow_undeclared_minors)  # type: ignore[arg-type]
     _emit(
         result,
         as_json,
@@ -189,12 +190,10 @@ def import_embeddings(
 @app.command()
 def models(as_json: JsonOpt = False) -> None:
     """Known model ids, vector widths, and whether their weights are available here without a download."""
-    from pipelines.models import model_catalogue
+    from jobs.status import models as catalogue
 
-    settings = _settings()
-    rows = model_catalogue(settings.resolved_models_dir, [settings.face_model, settings.image_model])
     _emit(
-        {"models_dir": str(settings.resolved_models_dir), "models": rows},
+        catalogue(_settings()),
         as_json,
         lambda r: "\n".join(
             f"{m['model_id']:<40} {m['kind']:<6} {m['dim']:>5}d  "
@@ -223,8 +222,6 @@ def watchlist_submit(
     from jobs.watchlist import Submission, submit
 
     _choice("--modality", modality, ("face", "image"))
-    from jobs.options import iso_date
-
     expiry = iso_date("--expires", expires) if expires is not None else None
     sub = Submission(
         probes,
@@ -257,10 +254,9 @@ def _submit_human(r: dict[str, Any]) -> str:
 @watchlist_app.command("list")
 def watchlist_list(as_json: JsonOpt = False) -> None:
     """Watchlists, newest first."""
-    from lance_tables.store import Gallery
-    from lance_tables.watchlists import list_watchlists
+    from jobs.watchlist import list_all
 
-    rows = list_watchlists(Gallery(_settings().storage))
+    rows = list_all(_settings())
     _emit(
         {"watchlists": rows},
         as_json,
@@ -277,13 +273,9 @@ def watchlist_list(as_json: JsonOpt = False) -> None:
 @watchlist_app.command("show")
 def watchlist_show(watchlist_id: str, as_json: JsonOpt = False) -> None:
     """One watchlist and its probes."""
-    from lance_tables.store import Gallery
-    from lance_tables.watchlists import get_watchlist, read_probes
+    from jobs.watchlist import show
 
-    gallery = Gallery(_settings().storage)
-    record = get_watchlist(gallery, watchlist_id)
-    probes, _ = read_probes(gallery, watchlist_id)
-    _emit(record | {"probe_list": probes}, as_json, lambda r: _lines({k: v for k, v in r.items() if k != "probe_list"}))
+    _emit(show(_settings(), watchlist_id), as_json, lambda r: _lines({k: v for k, v in r.items() if k != "probe_list"}))
 
 
 @watchlist_app.command("close")
@@ -334,9 +326,9 @@ def match(
 @results_app.command("list")
 def results_list(as_json: JsonOpt = False) -> None:
     """Every complete result set, newest first."""
-    from pipelines.results import list_runs
+    from jobs.result_sets import list_result_sets
 
-    runs = list_runs(_settings().store)
+    runs = list_result_sets(_settings())
     _emit(
         {"runs": runs},
         as_json,
@@ -355,18 +347,16 @@ def results_list(as_json: JsonOpt = False) -> None:
 def results_show(
     run_id: str,
     limit: Annotated[int, typer.Option(help="candidates shown per probe")] = 5,
+    requested_by: Annotated[
+        str | None, typer.Option(help="opaque id of who looks at the candidates (default: GALLERYMATCH_ACTOR)")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """One result set: its manifest and the best candidates of each probe."""
-    from jobs.review import with_reviews
-    from pipelines.results import read_run, require_run
+    """One result set: its manifest and the best candidates of each probe; who looked is audited."""
+    from jobs.result_sets import show_result_set
 
-    settings = _settings()
-    manifest = require_run(settings.store, run_id)
-    table = read_run(settings.store, manifest)
-    rows = with_reviews(settings, [r for r in table.to_pylist() if r["rank"] <= limit])
     _emit(
-        manifest | {"candidates_shown": rows},
+        show_result_set(_settings(), run_id, limit, requested_by),
         as_json,
         lambda r: "\n".join(
             [r["notice"]]
@@ -382,7 +372,7 @@ def results_show(
 @results_app.command("export")
 def results_export(
     run_id: str,
-    to: Annotated[Path, typer.Option("--to", help="folder to copy the result set into")],
+    to: Annotated[str, typer.Option("--to", help=f"folder to copy the result set into: {WHERE}")],
     requested_by: Annotated[str, typer.Option(help="opaque id of who exports it")],
     as_json: JsonOpt = False,
 ) -> None:
@@ -390,7 +380,7 @@ def results_export(
     from jobs.admin import export_run
 
     _emit(
-        export_run(_settings(), run_id, to, requested_by),
+        export_run(_settings(), run_id, location(to), requested_by),
         as_json,
         lambda r: f"exported {r['rows']} candidate rows to {r['path']}",
     )

@@ -57,12 +57,9 @@ def audit_show(
     as_json: JsonOpt = False,
 ) -> None:
     """Audit records (opaque ids, digests, versions and counts; no biometrics, no names)."""
-    from jobs.audit_job import printable
-    from pipelines.audit import AuditLog
+    from jobs.audit_job import printable, records
 
-    records = AuditLog.of(_settings()).records()
-    closed = {r.get("intent_seq") for r in records if r.get("phase") == "outcome"}
-    chosen = [r for r in records if case_id is None or r.get("case_id") == case_id]
+    chosen, closed = records(_settings(), case_id)
     rows = [  # every field escaped: a value (or a tampered record) never starts a line of its own
         f"{printable(r['seq']):>6} {printable(r.get('time', ''))[:19]} {printable(r.get('actor', '')):<16} "
         f"{printable(r.get('action', 'UNREADABLE')):<18} {printable(_phase(r, closed)):<22} "

@@ -1,4 +1,4 @@
-"""`gallerymatch status`: tables, versions and the counts of the contract."""
+"""Read-only views of a home: `status` (tables, versions, the counts of the contract), `sources list`, `models`."""
 
 from __future__ import annotations
 
@@ -37,3 +37,18 @@ def gallery_status(settings: Settings) -> dict[str, Any]:
         "actions_without_outcome": [i["seq"] for i, _ in AuditLog.of(settings).open_intents()],
         "erasures_unfinished": unfinished_erasures(settings.store),
     }
+
+
+def sources(settings: Settings) -> list[dict[str, Any]]:
+    """Registered sources, by id (`gallerymatch sources list`)."""
+    from lance_tables.sources import list_sources
+
+    return list_sources(Gallery(settings.storage))
+
+
+def models(settings: Settings) -> dict[str, Any]:
+    """Known model ids, widths, and whether their weights are here without a download (`gallerymatch models`)."""
+    from pipelines.models import model_catalogue
+
+    rows = model_catalogue(settings.resolved_models_dir, [settings.face_model, settings.image_model])
+    return {"models_dir": str(settings.resolved_models_dir), "models": rows}

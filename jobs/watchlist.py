@@ -160,3 +160,20 @@ def _make_probes(settings: Settings, sub: Submission, model_id: str, gallery: Ga
         dim = table.schema.field("vector").type.list_size if table is not None else image_spec(model_id).dim
         return probes_from_embeddings(sub.probes, dim, model_id=model_id)
     raise Refused(f"{sub.probes} is neither a folder of probe photos nor a Parquet of probe embeddings")
+
+
+def list_all(settings: Settings) -> list[dict[str, Any]]:
+    """Every watchlist, newest first (`gallerymatch watchlist list`)."""
+    from lance_tables.watchlists import list_watchlists
+
+    return list_watchlists(Gallery(settings.storage))
+
+
+def show(settings: Settings, watchlist_id: str) -> dict[str, Any]:
+    """One watchlist and its probes, without their vectors (`gallerymatch watchlist show`)."""
+    from lance_tables.watchlists import get_watchlist, read_probes
+
+    gallery = Gallery(settings.storage)
+    record = get_watchlist(gallery, watchlist_id)
+    probes, _ = read_probes(gallery, watchlist_id)
+    return record | {"probe_list": probes}

@@ -58,7 +58,7 @@ def gm(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def ingest_faces(home: Path, shards: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def ingest_faces(home: Path, shards: Path | str, *extra: str) -> subprocess.CompletedProcess[str]:
     """`gallerymatch ingest` of the face modality, in-process engine, the labelled untrained model."""
     args = ["ingest", str(shards), "--engine", "local", "--modality", "face", "--face-model", "facenet-untrained"]
     return gm(home, *args, *extra)
@@ -121,14 +121,16 @@ def test_core_is_engine_free() -> None:
 
 
 def test_modal_worker_runs_the_same_unit_of_work(tmp_path: Path, sample_shards: Path) -> None:
-    """The Modal layer, run in-process with `.local()` (no Modal account here), matches the local engine."""
+    """The Modal engine's worker, run in-process with `.local()` (no Modal account here), matches the local
+    engine; the deployable wrapper in infra/ carries the engine's worker and adds the nightly retention."""
     import pickle
 
     from conftest import FACE, IMAGE, make_settings
 
-    from infra.modal_app import IngestWorker
+    import infra.modal_app
     from jobs.ingest import plan
     from pipelines.engines.local import run_local
+    from pipelines.engines.modal import IngestWorker, aws_environment
     from pipelines.shards import find_shards
     from pipelines.task import IngestTask
 
@@ -145,14 +147,22 @@ def test_modal_worker_runs_the_same_unit_of_work(tmp_path: Path, sample_shards: 
         assert other.select(keys).equals(table.select(keys)), name
         if "vector" in table.column_names:
             assert np.allclose(other["vector"].to_pylist(), table["vector"].to_pylist(), atol=1e-4)
+    import modal
+
+    from pipelines.engines import modal as engine
+
+    assert infra.modal_app.ingest_app is engine.app  # the wrapper deploys the engine's own app, not a copy
+    assert isinstance(infra.modal_app.retention, modal.Function)
+    env = {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "s", "HOME": "/root", "GALLERYMATCH_HOME": "s3://b/h"}
+    assert aws_environment(env) == {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "s"}  # nothing else leaves
 
 
 def test_watchlist_of_photos_end_to_end(tmp_path: Path) -> None:
     """Probe photos go through the gallery's own decode/detect/embed path; several faces give several probes."""
     import polars as pl
 
-    from pipelines import samples
     from jobs.api import results
+    from pipelines import samples
 
     home, gallery_dir, probe_dir = tmp_path / "home", tmp_path / "gallery", tmp_path / "probes"
     gallery_dir.mkdir()
@@ -202,7 +212,7 @@ def test_watchlist_of_photos_end_to_end(tmp_path: Path) -> None:
     assert matched.returncode == 0, matched.stderr
     run = json.loads(matched.stdout)
     assert run["probes"] == 3 and run["candidates"] == 3 * 2 and run["gallery_version"] >= 1
-    shown = json.loads(gm(home, "results", "show", run["run_id"], "--json").stdout)
+    shown = json.loads(gm(home, "results", "show", run["run_id"], "--requested-by", "unit-4", "--json").stdout)
     assert shown["notice"] == "Candidate list for human review; not an identification."
     assert {c["rank"] for c in shown["candidates_shown"]} == {1, 2}
     listed = json.loads(gm(home, "results", "list", "--json").stdout)
@@ -220,7 +230,8 @@ def test_watchlist_of_photos_end_to_end(tmp_path: Path) -> None:
 def check_audit_trail(home: Path) -> None:
     """Every action wrote its intent then its outcome; the case filter, the report and tampering."""
     audit = json.loads(gm(home, "audit", "show", "--json").stdout)["records"]
-    actions = ["sources.add", "pack", "ingest", "watchlist.submit", "match", "results.export", "watchlist.close"]
+    actions = ["sources.add", "pack", "ingest", "watchlist.submit", "match", "results.show", "results.export"]
+    actions += ["watchlist.close"]
     assert [r["action"] for r in audit if r["phase"] == "outcome"] == actions
     assert [r["phase"] for r in audit] == ["intent", "outcome"] * len(actions)  # each intent, then its outcome
     assert all(r["status"] == "ok" for r in audit if r["phase"] == "outcome")
@@ -228,6 +239,7 @@ def check_audit_trail(home: Path) -> None:
     assert [r["action"] for r in by_case if r["phase"] == "outcome"] == [
         "watchlist.submit",
         "match",
+        "results.show",
         "results.export",
         "watchlist.close",
     ]
@@ -238,3 +250,64 @@ def check_audit_trail(home: Path) -> None:
     record.write_bytes(record.read_bytes().replace(b'"match"', b'"matcH"'))
     broken = gm(home, "audit", "verify")
     assert broken.returncode == 1 and "record 9" in broken.stdout
+
+
+def test_location_arguments_take_s3_uris(tmp_path: Path, s3_env: dict[str, str]) -> None:
+    """pack/ingest SHARDS_DIR, import-embeddings FILE and results export --to pass an s3:// URI on unchanged."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from s3 import client, make_bucket
+
+    from pipelines import samples
+
+    bucket, home, photos = make_bucket(s3_env), tmp_path / "home", tmp_path / "photos"
+    photos.mkdir()
+    (photos / "astronaut.jpg").write_bytes(samples.encode(samples.astronaut(), "JPEG", quality=92))
+    (photos / "coffee.jpg").write_bytes(samples.encode(samples.no_face_images()["coffee"], "JPEG"))
+    add = ["sources", "add", "archive", "--channel", "operator-owned", "--legal-basis", "b", "--terms", "t"]
+    assert gm(home, *add).returncode == 0
+    packed = gm(home, "pack", str(photos), f"s3://{bucket}/shards", "--source", "archive", "--minor-default", "false")
+    assert packed.returncode == 0, packed.stderr
+    keys = [o["Key"] for o in client(s3_env).list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert keys and all(k.startswith("shards/") and k.endswith(".parquet") for k in keys)
+    ingested = ingest_faces(home, f"s3://{bucket}/shards", "--json")
+    assert ingested.returncode == 0, ingested.stderr
+    assert json.loads(ingested.stdout)["images"] == 2
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((4, 8)).astype(np.float32)
+    gallery = pa.table(
+        {
+            "record_id": [f"rec-{i}" for i in range(4)],
+            "embedding": pa.array(vectors.tolist(), pa.list_(pa.float32())),
+            "minor": [False] * 4,
+        }
+    )
+    buffer = io.BytesIO()
+    pq.write_table(gallery, buffer)
+    client(s3_env).put_object(Bucket=bucket, Key="vectors.parquet", Body=buffer.getvalue())
+    imported = gm(
+        home, "import-embeddings", f"s3://{bucket}/vectors.parquet", "--source", "archive", "--model-id", "vendor-x",
+        "--dim", "8", "--json",
+    )  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    assert json.loads(imported.stdout)["imported"] == 4
+
+    probes = tmp_path / "probes.parquet"
+    pq.write_table(
+        pa.table({"probe_id": ["p-1"], "embedding": pa.array([vectors[0].tolist()], pa.list_(pa.float32()))}), probes
+    )
+    submit = ["watchlist", "submit", str(probes), "--name", "n", "--case-id", "CASE-3", "--model-id", "vendor-x"]
+    submit += ["--purpose", "fraud-investigation", "--legal-basis", "w", "--requested-by", "unit-4", "--json"]
+    submitted = gm(home, *submit)
+    assert submitted.returncode == 0, submitted.stderr
+    matched = gm(home, "match", json.loads(submitted.stdout)["watchlist_id"], "--json")
+    assert matched.returncode == 0, matched.stderr
+    run_id = json.loads(matched.stdout)["run_id"]
+    exported = gm(home, "results", "export", run_id, "--to", f"s3://{bucket}/out", "--requested-by", "unit-4", "--json")
+    assert exported.returncode == 0, exported.stderr
+    assert json.loads(exported.stdout)["path"].startswith(f"s3://{bucket}/out/")
+    out = [o["Key"] for o in client(s3_env).list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])]
+    assert f"out/{run_id}.manifest.json" in out and any(k.endswith(".parquet") for k in out)
