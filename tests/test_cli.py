@@ -277,7 +277,7 @@ def test_location_arguments_take_s3_uris(tmp_path: Path, s3_env: dict[str, str])
     assert json.loads(ingested.stdout)["images"] == 2
 
     rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((4, 8)).astype(np.float32)
+    vectors = rng.standard_normal((4, 512)).astype(np.float32)  # the faces table is 512-d
     gallery = pa.table(
         {
             "record_id": [f"rec-{i}" for i in range(4)],
@@ -290,7 +290,7 @@ def test_location_arguments_take_s3_uris(tmp_path: Path, s3_env: dict[str, str])
     client(s3_env).put_object(Bucket=bucket, Key="vectors.parquet", Body=buffer.getvalue())
     imported = gm(
         home, "import-embeddings", f"s3://{bucket}/vectors.parquet", "--source", "archive", "--model-id", "vendor-x",
-        "--dim", "8", "--json",
+        "--dim", "512", "--json",
     )  # fmt: skip
     assert imported.returncode == 0, imported.stderr
     assert json.loads(imported.stdout)["imported"] == 4
