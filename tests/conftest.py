@@ -21,6 +21,8 @@ IMAGE = "clip-untrained"
 
 def make_settings(home: Path | str, **overrides: object) -> Settings:
     """Settings for a home (a folder, or an s3:// URI with `audit_key_dir` given: the key stays local)."""
+    if not str(home).startswith("s3://"):
+        home = Path(home)
     values: dict[str, object] = {"home": str(home)}
     if isinstance(home, Path):  # the signing key lives outside the home it protects
         values["audit_key_dir"] = home.parent / f"{home.name}-audit-keys"
