@@ -4,6 +4,11 @@ done, and a rerun (or the next writer command) resumes the plan instead of recom
 Journal objects under `erasure/journal/<receipt_id>/` (create-if-absent only): `plan.json` (row keys, ids,
 affected runs), `vectors.npz` (the erased vectors, for the byte-scan check; deleted once the check passed),
 `step-<name>.json` per finished step, `checks-failed-<n>.json` per failed check, `done.json` last.
+
+On an S3 home whose bucket has (or had) versioning, every delete and rewrite leaves the old bytes as noncurrent
+object versions: the `purge-versions` step removes them (setting `erase_versioned_bucket`), or `erase` refuses
+before removing anything; the byte scan reads every noncurrent version, and the receipt's `object_versions`
+says which happened.
 """
 
 from __future__ import annotations
@@ -19,7 +24,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from jobs.erase_steps import TABLES, affected_runs, checks, find_rows, rewrite_runs, selectors
+from jobs.erase_steps import (
+    TABLES,
+    VERSIONED_AREAS,
+    affected_runs,
+    bucket_versioning,
+    checks,
+    drop_with_versions,
+    find_rows,
+    purge_versions,
+    rewrite_runs,
+    selectors,
+)
 from lance_tables.erasure import delete_keys, present, purge, tagged
 from lance_tables.reviews import delete_reviews
 from lance_tables.store import Gallery
@@ -31,6 +47,7 @@ from pipelines.results import list_runs
 from pipelines.schemas import ERASED, KEYS
 from pipelines.settings import Settings
 from pipelines.shards import check_id
+from pipelines.storage import Storage
 
 JOURNAL = "erasure/journal/"
 RECEIPTS = "erasure/receipts/"
@@ -71,6 +88,7 @@ def erase(
     if not reason.strip():
         raise Refused("an erasure needs --reason")
     selector = selectors(image_id, subject_id, source_id)
+    _refuse_versioned_bucket(settings)
     pending = [p.receipt_id for p in _journals(settings.store) if p.selector == selector.ids]  # read only
     with writer_session(settings, "erase", exclusive=True) as log:
         gallery = Gallery(settings.storage)
@@ -89,6 +107,22 @@ def erase(
             return _execute(settings, gallery, log, plan, op)
 
 
+def _refuse_versioned_bucket(settings: Settings) -> None:
+    """Under the 'refuse' policy, a versioned bucket is refused before anything is removed (or resumed)."""
+    versioning = bucket_versioning(settings.storage)
+    if versioning is None or settings.erase_versioned_bucket != "refuse":
+        return
+    areas = ", ".join(f"{a}/" for a in VERSIONED_AREAS)
+    raise Refused(
+        f"the bucket of {settings.home_uri} has object versioning {versioning}: deleted and overwritten objects "
+        "stay stored as noncurrent versions, so the person's bytes would outlive the erasure, and "
+        "GALLERYMATCH_ERASE_VERSIONED_BUCKET=refuse forbids removing those versions. Nothing was removed. "
+        "To proceed, set GALLERYMATCH_ERASE_VERSIONED_BUCKET=purge-versions (the erase then permanently deletes "
+        f"every noncurrent version and delete marker under {areas} of this home), or move the home to a bucket "
+        "that never had versioning."
+    )
+
+
 def unfinished_erasures(store: ObjectStore) -> list[dict[str, Any]]:
     """Erasures not finished yet: interrupted (the next writer resumes them) or failed (rerun the erase)."""
     return [
@@ -99,7 +133,7 @@ def unfinished_erasures(store: ObjectStore) -> list[dict[str, Any]]:
 
 def resume_unfinished(settings: Settings, log: AuditLog) -> list[str]:
     """Finish erasures a crash interrupted (not those whose check failed: `erase` retries those)."""
-    _drop_unplanned(settings.store)
+    _drop_unplanned(settings.storage)
     done = []
     for plan in _journals(settings.store):
         if _failed_attempts(settings.store, plan):
@@ -110,15 +144,16 @@ def resume_unfinished(settings: Settings, log: AuditLog) -> list[str]:
     return done
 
 
-def _drop_unplanned(store: ObjectStore) -> None:
+def _drop_unplanned(storage: Storage) -> None:
     """A journal without its plan was cut off before the plan was recorded, so nothing was removed; its
     `vectors.npz` is a copy of the vectors nothing will ever read again (and would fail every later byte scan).
-    Only called under the writer lease, before this process starts an erasure of its own."""
-    names = store.list(JOURNAL)
+    Only called under the writer lease, before this process starts an erasure of its own. On a versioned bucket
+    the copy goes with its versions (whatever the policy: it is the journal's own copy, never the home's data)."""
+    names = storage.store.list(JOURNAL)
     planned = {n.removesuffix("plan.json") for n in names if n.endswith("/plan.json")}
     for name in names:
         if name[: name.rfind("/") + 1] not in planned:
-            store.delete(name)
+            drop_with_versions(storage, name)
 
 
 def _run(settings: Settings, gallery: Gallery, log: AuditLog, plan: Plan, actor: str, resumed: bool) -> dict[str, Any]:
@@ -170,7 +205,10 @@ def _execute(settings: Settings, gallery: Gallery, log: AuditLog, plan: Plan, op
     _step(store, plan, "block-reingest", lambda: _block_reingest(gallery, plan))
     rewritten = _step(store, plan, "rewrite-results", lambda: {"runs": rewrite_runs(store, plan)})
     _step(store, plan, "purge", lambda: {n: purge(gallery, n) for n in (*TABLES, "reviews", "erased")})
+    versions = _step(store, plan, "purge-versions", lambda: _object_versions(settings))
     if store.read(_receipt_key(plan)) is None:
+        if _failed_attempts(store, plan):  # a retry: fixing the cause (deleting a stray copy) left versions too
+            versions = _add_counts(versions, _object_versions(settings))
         result = checks(settings, gallery, plan, _vectors(store, plan))
         if not all(c["passed"] for c in result):
             attempt = len(_failed_attempts(store, plan)) + 1
@@ -180,10 +218,10 @@ def _execute(settings: Settings, gallery: Gallery, log: AuditLog, plan: Plan, op
                 f"erasure {plan.receipt_id} ran but a check FAILED: {_failures(result)}. The plan is kept: "
                 "fix the cause and rerun the same erase to retry; it resumes this plan."
             )
-        _write_receipt(store, _receipt(gallery, plan, rewritten, result, op))
+        _write_receipt(store, _receipt(gallery, plan, rewritten, result, op) | {"object_versions": versions})
         crash_point("erase:after-receipt")
     receipt = _stored_receipt(store, plan.receipt_id)
-    store.delete(plan.prefix + "vectors.npz")  # the plan must not keep the erased vectors
+    drop_with_versions(settings.storage, plan.prefix + "vectors.npz")  # the plan must not keep the erased vectors
     crash_point("erase:before-done")
     store.create(plan.prefix + "done.json", b"{}")
     op.record(receipt_id=plan.receipt_id, receipt_hash=receipt["receipt_sha256"], counts=receipt.get("removed_rows"))
@@ -201,6 +239,24 @@ def _step(store: ObjectStore, plan: Plan, name: str, work: Any) -> dict[str, Any
     crash_point(f"erase:inside-{name}")  # the work is done, its marker not yet written
     store.create(key, json.dumps(result, default=str, sort_keys=True).encode())
     return result
+
+
+def _object_versions(settings: Settings) -> dict[str, Any]:
+    """On a versioned bucket, the noncurrent versions the deletes and rewrites left (under the 'purge-versions'
+    policy they go: idempotent, a rerun redoes it; under 'refuse' they stay and the byte scan fails on them)."""
+    versioning = bucket_versioning(settings.storage)
+    if versioning is None:
+        return {"versioning": None}
+    policy = settings.erase_versioned_bucket
+    out: dict[str, Any] = {"versioning": versioning, "policy": policy, "areas": [f"{a}/" for a in VERSIONED_AREAS]}
+    if policy == "purge-versions":
+        return out | purge_versions(settings.storage)
+    return out | {"noncurrent_removed": 0, "delete_markers_removed": 0}
+
+
+def _add_counts(first: dict[str, Any], again: dict[str, Any]) -> dict[str, Any]:
+    counts = ("noncurrent_removed", "delete_markers_removed")
+    return again | {c: int(first.get(c, 0)) + int(again.get(c, 0)) for c in counts if c in again}
 
 
 def _delete_rows(gallery: Gallery, plan: Plan) -> dict[str, Any]:

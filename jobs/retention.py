@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from jobs.erase_steps import bucket_versioning, purge_versions
 from jobs.session import writer_session
 from lance_tables.erasure import delete_keys, purge
 from lance_tables.store import Gallery
@@ -18,6 +19,7 @@ from pipelines.results import delete_run, list_runs
 from pipelines.schemas import WATCHLISTS, to_arrow
 from pipelines.settings import Settings
 from pipelines.sql import sql_list
+from pipelines.storage import LANCE, MANIFESTS, RESULTS
 
 
 def run_retention(settings: Settings, now: dt.datetime | None = None) -> dict[str, Any]:
@@ -35,6 +37,7 @@ def run_retention(settings: Settings, now: dt.datetime | None = None) -> dict[st
             delete_run(settings.store, manifest)
             crash_point("retention:after-run-delete")
         deleted = [str(m["run_id"]) for m in old]
+        versions = _object_versions(settings)
         op.record(
             counts={
                 "watchlists_expired": len(expired),
@@ -44,6 +47,7 @@ def run_retention(settings: Settings, now: dt.datetime | None = None) -> dict[st
             watchlist_ids=expired,
             run_ids=deleted,
             table_versions={"probes": gallery.version("probes"), "watchlists": gallery.version("watchlists")},
+            object_versions=versions,
         )
     return {
         "now": now.isoformat(),
@@ -52,6 +56,26 @@ def run_retention(settings: Settings, now: dt.datetime | None = None) -> dict[st
         "watchlists_expired": expired,
         "probe_vectors_erased_for": probes_erased,
         "result_sets_deleted": deleted,
+        "object_versions": versions,
+    }
+
+
+def _object_versions(settings: Settings) -> dict[str, Any]:
+    """On a versioned bucket the deleted probe vectors and result sets stay as noncurrent versions: under the
+    'purge-versions' policy they go (every run: idempotent, and it finishes what a killed run left); under
+    'refuse' they stay, and the summary says so (the bucket's lifecycle rules must expire them)."""
+    versioning = bucket_versioning(settings.storage)
+    if versioning is None:
+        return {"versioning": None}
+    policy = settings.erase_versioned_bucket
+    areas = (f"{LANCE}/probes.lance", RESULTS, MANIFESTS)
+    out: dict[str, Any] = {"versioning": versioning, "policy": policy, "areas": [f"{a}/" for a in areas]}
+    if policy == "purge-versions":
+        return out | purge_versions(settings.storage, areas)
+    return out | {
+        "noncurrent_removed": 0,
+        "delete_markers_removed": 0,
+        "note": "noncurrent versions still hold what retention deleted until the bucket's lifecycle expires them",
     }
 
 

@@ -60,6 +60,15 @@ class Settings(BaseSettings):
     )
     lock_ttl_s: float = Field(120.0, ge=5.0, description="a writer lease not renewed for this long is stale")
     lock_wait_s: float = Field(900.0, ge=0.0, description="how long a writer waits for another writer to finish")
+    erase_versioned_bucket: Literal["purge-versions", "refuse"] = Field(
+        "purge-versions",
+        description="an s3 home on a bucket with object versioning (Enabled or Suspended) keeps deleted and "
+        "overwritten bytes as noncurrent versions: 'purge-versions' lets erase permanently delete every noncurrent "
+        "version and delete marker under the home's lance/, results/, manifests/, staging/ and erasure/journal/ "
+        "areas (retention: under lance/probes.lance/, results/ and manifests/); the bucket's history of those areas "
+        "is lost, audit/ is never touched. 'refuse' makes erase refuse before removing anything, and retention "
+        "leave (and report) the versions for the bucket's lifecycle rules to expire",
+    )
     closed_probe_grace_days: int = Field(
         30, ge=0, le=365, description="a closed watchlist's probe vectors are erased this long after closing"
     )

@@ -26,7 +26,7 @@ import pytest
 from conftest import make_settings, register
 
 from jobs.erase import erase
-from jobs.erase_steps import scan_for
+from jobs.erase_steps import scan_for, stored_objects
 from jobs.import_embeddings import run_import
 from jobs.match import run_match
 from jobs.retention import run_retention
@@ -36,18 +36,19 @@ from lance_tables.erasure import vector_patterns
 from lance_tables.store import Gallery
 from pipelines.audit import AuditLog
 from pipelines.errors import GalleryMatchError
-from pipelines.results import list_runs, load_run
+from pipelines.results import list_runs, load_run, part_keys
 from pipelines.settings import Settings
 from pipelines.sql import sql_list
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = "subj-target"
 TABLES = ("images", "faces", "image_embeddings", "quarantine", "probes")
-STEPS = ("delete-rows", "reviews", "block-reingest", "rewrite-results", "purge")
+STEPS = ("delete-rows", "reviews", "block-reingest", "rewrite-results", "purge", "purge-versions")
 ERASE_POINTS = [
     "erase:before-plan",
     "erase:after-plan",
-    *[f"erase:{when}-{step}" for step in STEPS for when in ("before", "inside")],
+    # purge-versions is a no-op on a local home: test_erasure_s3 kills it half-way, on a versioned bucket
+    *[f"erase:{when}-{step}" for step in STEPS if step != "purge-versions" for when in ("before", "inside")],
     *[f"erase:deleted-{name}" for name in TABLES],
     "erase:after-new-generation",
     "results:before-manifest",  # the rewrite of a result set, killed between its parts and its manifest
@@ -100,10 +101,14 @@ def watchlist(settings: Settings, path: Path, name: str) -> str:
     return str(submit(settings, sub)["watchlist_id"])
 
 
-def build_world(root: Path, rows: int = 300, dim: int = 32, index: bool = False) -> World:
+def build_world(
+    root: Path, rows: int = 300, dim: int = 32, index: bool = False, settings: Settings | None = None
+) -> World:
     """A gallery (one of its rows the subject's, one quarantined row of theirs), a face of theirs, two watchlists
-    (one holding a probe photo of the subject), a run per watchlist, and reviews of candidates of both kinds."""
-    settings = make_settings(root / "home")
+    (one holding a probe photo of the subject), a run per watchlist, and reviews of candidates of both kinds.
+    On a local home under `root`, or on the (S3) home of `settings`; the input files go under `root`."""
+    root.mkdir(parents=True, exist_ok=True)
+    settings = settings or make_settings(root / "home")
     register(settings)
     rng = np.random.default_rng(21)
     vecs = rng.standard_normal((rows, dim))
@@ -152,7 +157,7 @@ def build_world(root: Path, rows: int = 300, dim: int = 32, index: bool = False)
     left_a = [r for r in table_a if r["gallery_id"] not in gallery_ids and r["probe_id"] != "p2"]
     assert 0 < len(left_a) < len(table_a)
     for vector in vectors:  # negative control: the scan finds each of the subject's vectors before the erasure
-        assert scan_for(settings.home, vector_patterns([vector]))
+        assert scan_for(settings.storage, vector_patterns([vector]))
     return World(
         settings=settings,
         vectors=tuple(vectors),
@@ -164,21 +169,53 @@ def build_world(root: Path, rows: int = 300, dim: int = 32, index: bool = False)
     )
 
 
-def clone_home(settings: Settings, root: Path) -> Settings:
-    """A copy of a home (and of its key folder) under `root`: built once, crashed many times. The copy's audit
-    chain is anchored anew (its witness is keyed by the home's path); the template must stay under 64 records,
-    since the home's own signed checkpoints name the home they were made for."""
-    home = root / "home"
-    shutil.copytree(settings.home, home)
-    keys = make_settings(home).audit_key_dir
-    assert keys is not None and settings.audit_key_dir is not None
+def clone_home(settings: Settings, root: Path, versioned: bool = False) -> Settings:
+    """A copy of a home (and of its key folder) under `root`, or for an S3 home into a new bucket of the same
+    server (`versioned` or not; only current objects are copied): built once, crashed many times. The copy's
+    audit chain is anchored anew (its witness is keyed by the home's location); the template must stay under 64
+    records, since the home's own signed checkpoints name the home they were made for."""
+    assert not settings.store.list("audit/checkpoints/")
+    assert settings.audit_key_dir is not None
+    if not settings.storage.is_s3:
+        home = root / "home"
+        shutil.copytree(settings.home, home)
+        keys = make_settings(home).audit_key_dir
+        assert keys is not None
+        shutil.copytree(settings.audit_key_dir, keys)
+        return make_settings(home)
+    from s3 import client, make_bucket
+
+    from pipelines.storage import split_s3
+
+    env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL")}
+    source, prefix = split_s3(settings.home)
+    bucket = make_bucket(env, versioned=versioned)
+    s3 = client(env)
+    for key in settings.store.list(""):
+        s3.copy_object(Bucket=bucket, Key=f"home/{key}", CopySource={"Bucket": source, "Key": f"{prefix}/{key}"})
+    keys = root / "audit-keys"
     shutil.copytree(settings.audit_key_dir, keys)
-    assert not (home / "audit" / "checkpoints").exists()
-    return make_settings(home)
+    return make_settings(f"s3://{bucket}/home", audit_key_dir=keys)
 
 
-def clone(world: World, root: Path) -> World:
-    return replace(world, settings=clone_home(world.settings, root))
+def clone(world: World, root: Path, versioned: bool = False) -> World:
+    return replace(world, settings=clone_home(world.settings, root, versioned))
+
+
+def done_journals(settings: Settings) -> list[str]:
+    return [k for k in settings.store.list("erasure/journal/") if k.endswith("/done.json")]
+
+
+def scratch(settings: Settings) -> Path:
+    """A local folder beside the home (an S3 home's is its audit key folder's parent)."""
+    assert settings.audit_key_dir is not None
+    return settings.audit_key_dir.parent
+
+
+def stored(settings: Settings, area: str) -> set[str]:
+    """Every stored byte sequence under `area/` of the home: files (a local home's temporary files too),
+    objects, and on a versioned bucket every noncurrent version (`key?versionId=...`)."""
+    return {o.label for o in stored_objects(settings.storage) if o.key.startswith(area.rstrip("/") + "/")}
 
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
@@ -200,7 +237,7 @@ def env_for(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def erase_process(settings: Settings, kill_at: str | None = None) -> subprocess.Popen[bytes]:
-    started = settings.local_home.parent / "erase-started"
+    started = scratch(settings) / "erase-started"
     started.unlink(missing_ok=True)
     extra = {"GALLERYMATCH_KILL_AT": kill_at} if kill_at else {}
     return subprocess.Popen(
@@ -213,7 +250,7 @@ def erase_process(settings: Settings, kill_at: str | None = None) -> subprocess.
 
 
 def wait_started(settings: Settings, proc: subprocess.Popen[bytes]) -> float:
-    started = settings.local_home.parent / "erase-started"
+    started = scratch(settings) / "erase-started"
     deadline = time.monotonic() + 120
     while not started.exists():
         assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
@@ -250,35 +287,40 @@ def assert_erased(world: World, receipt: dict[str, Any] | None = None) -> None:
         assert not set(table.column("gallery_id").to_pylist()) & world.gallery_ids
         assert TARGET not in table.column("subject_id").to_pylist()
         assert run_id != world.named_run or "p2" not in table.column("probe_id").to_pylist()
-    named = {f"{Path(m['path']).name}/{p['file']}" for m in runs.values() for p in m["parts"]}
-    on_disk = {f"{p.parent.name}/{p.name}" for p in (settings.local_home / "results").rglob("*") if p.is_file()}
-    assert on_disk == named  # no superseded generation, no orphaned part still naming the subject
-    manifests = sorted(p.name for p in (settings.local_home / "manifests").rglob("*.json"))
-    assert len(manifests) == len(runs)
+    named = {key for m in runs.values() for key in part_keys(m)}
+    assert stored(settings, "results") == named  # no superseded generation, no orphaned part, no old version
+    assert len(stored(settings, "manifests")) == len(runs)
 
-    assert scan_for(settings.home, vector_patterns(list(world.vectors))) == []
+    assert scan_for(settings.storage, vector_patterns(list(world.vectors))) == []
 
-    journal = settings.local_home / "erasure" / "journal"
-    plans = sorted(journal.glob("*/plan.json"))
-    assert len(plans) == 1, sorted(p.relative_to(journal) for p in journal.rglob("*"))
-    folder = plans[0].parent
-    assert sorted(p.name for p in journal.iterdir()) == [folder.name]  # no other journal kept the vectors
-    assert (folder / "done.json").exists() and not (folder / "vectors.npz").exists()
-    stored = json.loads((settings.local_home / "erasure" / "receipts" / f"{folder.name}.json").read_text())
-    assert stored["ok"] and stored["removed_rows"] == REMOVED
-    assert all(c["passed"] for c in stored["checks"])
-    assert stored["checks"][0]["vectors"] == len(world.vectors)
-    assert stored["result_sets_rewritten"] == [world.named_run]
+    journal = stored(settings, "erasure/journal")
+    plans = sorted(k for k in journal if k.endswith("/plan.json"))
+    assert len(plans) == 1, sorted(journal)
+    folder = plans[0].removesuffix("plan.json")
+    receipt_id = folder.removeprefix("erasure/journal/").rstrip("/")
+    assert all(k.startswith(folder) for k in journal)  # no other journal kept the vectors
+    assert folder + "done.json" in journal and not [k for k in journal if "vectors.npz" in k]
+    stored_receipt = settings.store.read(f"erasure/receipts/{receipt_id}.json")
+    assert stored_receipt is not None
+    body = json.loads(stored_receipt)
+    assert body["ok"] and body["removed_rows"] == REMOVED
+    assert all(c["passed"] for c in body["checks"])
+    assert body["checks"][0]["vectors"] == len(world.vectors)
+    assert body["result_sets_rewritten"] == [world.named_run]
+    versioning = body["object_versions"]["versioning"]
+    assert versioning == (world.settings.storage.store.versioning() if world.settings.storage.is_s3 else None)
+    if versioning:
+        assert body["object_versions"]["policy"] == "purge-versions"
     if receipt is not None:  # what the requester was handed is that receipt
-        assert receipt["receipt_id"] == folder.name and receipt["removed_rows"] == REMOVED and receipt["ok"]
+        assert receipt["receipt_id"] == receipt_id and receipt["removed_rows"] == REMOVED and receipt["ok"]
 
     log = AuditLog.of(settings)
     report = log.verify()
     assert report["ok"], report["problems"]
     assert report["incomplete_actions"] == []
     outcomes = [r for r in log.records() if r["action"] == "erase" and r.get("phase") == "outcome"]
-    assert any(r["status"] == "ok" and r.get("receipt_id") == folder.name for r in outcomes)
-    assert not (settings.local_home / "locks" / "writer.json").exists()
+    assert any(r["status"] == "ok" and r.get("receipt_id") == receipt_id for r in outcomes)
+    assert settings.store.read("locks/writer.json") is None
 
 
 @pytest.fixture(scope="module")
@@ -332,10 +374,10 @@ def test_an_erase_killed_before_its_plan_leaves_no_copy_of_the_vectors(template:
     but the next writer deletes that copy of the vectors and closes the dead command's audit record."""
     world = clone(template, tmp_path)
     killed_at(world.settings, "erase:before-plan")
-    journal = world.settings.local_home / "erasure" / "journal"
-    assert list(journal.glob("*/vectors.npz"))  # the crash left a copy of the subject's vectors
+    journal = stored(world.settings, "erasure/journal")
+    assert [k for k in journal if k.endswith("/vectors.npz")]  # the crash left a copy of the subject's vectors
     run_retention(world.settings)
-    assert not journal.exists() or not any(p.is_file() for p in journal.rglob("*"))
+    assert stored(world.settings, "erasure/journal") == set()
     report = AuditLog.of(world.settings).verify()
     assert report["ok"] and report["incomplete_actions"] == []
     where = f"subject_id IN {sql_list([TARGET])}"
@@ -348,24 +390,24 @@ def test_a_failed_check_never_turns_green(template: World, tmp_path: Path) -> No
     plan and fails again (never `ok` with zero vectors scanned); once the copy is gone the plan completes."""
     world = clone(template, tmp_path)
     settings = world.settings
-    stray = settings.local_home / "stray.bin"
-    stray.write_bytes(b"a backup tool's leftover" + vector_patterns([world.vectors[0]])[0])
+    assert settings.store.create("stray.bin", b"a backup tool's leftover" + vector_patterns([world.vectors[0]])[0])
     with pytest.raises(GalleryMatchError, match="FAILED"):
         erase(settings, "data subject request 41", "dpo-1", subject_id=TARGET)
     for _ in range(2):
         with pytest.raises(GalleryMatchError, match="FAILED"):
             erase(settings, "data subject request 41", "dpo-2", subject_id=TARGET)
     run_retention(settings)  # another writer neither greens nor drops the failed plan
-    journal = settings.local_home / "erasure" / "journal"
-    (plan,) = journal.glob("*/plan.json")
-    assert (plan.parent / "vectors.npz").exists() and not (plan.parent / "done.json").exists()
-    assert len(list(plan.parent.glob("checks-failed-*.json"))) == 3
-    assert not list((settings.local_home / "erasure").glob("receipts/*.json"))  # no receipt while a check fails
-    stray.unlink()
+    journal = stored(settings, "erasure/journal")
+    (plan,) = [k for k in journal if k.endswith("/plan.json")]
+    folder = plan.removesuffix("plan.json")
+    assert folder + "vectors.npz" in journal and folder + "done.json" not in journal
+    assert len([k for k in journal if k.startswith(folder + "checks-failed-")]) == 3
+    assert not settings.store.list("erasure/receipts/")  # no receipt while a check fails
+    settings.store.delete("stray.bin")
     receipt = erase(settings, "data subject request 41", "dpo-2", subject_id=TARGET)
     scan = receipt["checks"][0]
     assert receipt["ok"] and scan["passed"] and scan["vectors"] == len(world.vectors) >= 1
-    assert receipt["receipt_id"] == plan.parent.name  # the first attempt's plan, with its counts
+    assert receipt["receipt_id"] == folder.removeprefix("erasure/journal/").rstrip("/")  # the first plan
     assert_erased(world, receipt)
 
 
@@ -407,8 +449,7 @@ def test_an_erase_killed_on_a_timer_is_finished_by_its_rerun(tmp_path: Path) -> 
     measured = clone(world, tmp_path / "measured")
     proc = erase_process(measured.settings)
     start = wait_started(measured.settings, proc)
-    journal = measured.settings.local_home / "erasure" / "journal"
-    while not list(journal.glob("*/done.json")):  # the erase's duration: until its journal is done
+    while not done_journals(measured.settings):  # the erase's duration: until its journal is done
         assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
         time.sleep(0.005)
     duration = time.monotonic() - start
@@ -424,8 +465,7 @@ def test_an_erase_killed_on_a_timer_is_finished_by_its_rerun(tmp_path: Path) -> 
         proc.communicate(timeout=300)
         assert proc.returncode in (0, -signal.SIGKILL), proc.returncode
         killed += proc.returncode == -signal.SIGKILL
-        journal = case.settings.local_home / "erasure" / "journal"
-        if list(journal.glob("*/done.json")):  # killed after the plan was done: nothing left to rerun
+        if done_journals(case.settings):  # killed after the plan was done: nothing left to rerun
             run_retention(case.settings)
             assert_erased(case)
         else:
@@ -446,6 +486,11 @@ def test_the_crash_points_cover_every_step_and_table() -> None:
     assert jobs.erase_steps.TABLES == TABLES
     named = set(re.findall(r'crash_point\("(erase:[a-z-]+)"\)', source))
     assert named <= set(ERASE_POINTS) and len(named) == 5
+    assert {f"erase:{w}-{s}" for s in STEPS for w in ("before", "inside")} - set(ERASE_POINTS) == {
+        "erase:before-purge-versions",
+        "erase:inside-purge-versions",
+    }
+    assert re.findall(r'crash_point\("(versions:[a-z-]+)"\)', source) == ["versions:between-passes"]  # S3 tests
 
 
 # killed between writing an object's temporary file and linking it into place (`LocalStore.create`): the
