@@ -37,6 +37,8 @@ MAX_STR = 256  # longer strings are kept as their length and digest
 MAX_ITEMS = 32  # longer lists (and larger dicts) are kept as a count and a digest
 CHECKPOINT_EVERY = 64  # signed checkpoints kept in the home (the witness gets one per record)
 WITNESS_KEEP = 4
+READERS = 16  # reads in flight when the whole trail is read (verify, show, report)
+FORWARD_READS = 64  # records read forward from a known head; further behind, the head is found by listing
 
 
 class AuditUnavailable(GalleryMatchError):
@@ -120,6 +122,8 @@ class AuditLog:
     home: str
     key_dir: Path
     lease: str | None = None  # the writer lease held by this process, recorded in its intents
+    _known: Head | None = field(default=None, init=False, repr=False, compare=False)  # the last head seen
+    _legacy_done: bool = field(default=False, init=False, repr=False, compare=False)
 
     @classmethod
     def of(cls, settings: Any) -> AuditLog:
@@ -135,10 +139,10 @@ class AuditLog:
         signer = self._signer()  # no key, no record: an unanchored record would weaken every later check
         self._adopt_legacy()
         witnessed = self._witnessed()  # read before the head: a concurrent writer only moves the head further
-        for attempt in range(200):
-            head = self.head()
-            if attempt == 0:
-                self._check_extends(witnessed, head)
+        start = self._check_extends(witnessed)  # the witnessed record, checked: the head is read forward from it
+        checked = True
+        for _ in range(200):
+            head = self._find_head(start, checked)
             record = {
                 "seq": head.seq + 1,
                 "time": dt.datetime.now(dt.UTC).isoformat(),
@@ -152,9 +156,11 @@ class AuditLog:
             if len(data) > MAX_RECORD_BYTES:
                 raise AuditUnavailable(f"an audit record of {len(data)} bytes is over the {MAX_RECORD_BYTES} cap")
             if self._create(record_key(record["seq"]), data):
+                self._known = Head(record["seq"], record["hash"])
                 self._anchor(signer.sign(self.home, record["seq"], record["hash"]))
                 return record
-            time.sleep(0.005)  # another writer took this sequence number: read the new head and retry
+            checked = False  # another writer took this sequence number: read on from the head and retry
+            time.sleep(0.005)
         raise AuditUnavailable("the audit trail is too busy to take a record; nothing was done, retry")
 
     @contextmanager
@@ -187,12 +193,8 @@ class AuditLog:
 
     def open_intents(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """(intent, owner) of every action whose outcome is not written yet (cheap: one marker each)."""
-        out = []
-        for key in self.store.list(OPEN):
-            data = _parse_marker(self.store.read(key))
-            if data is not None:
-                out.append(data)
-        return out
+        keys = self.store.list(OPEN)
+        return [marker for data in read_many(self.store, keys) if (marker := _parse_marker(data)) is not None]
 
     def _create(self, key: str, data: bytes) -> bool:
         try:
@@ -205,9 +207,12 @@ class AuditLog:
     def _adopt_legacy(self) -> None:
         """A home from before one-object-per-record: its verified JSON-lines log becomes records 1..n, byte for
         byte (same hashes), so the chain continues from it. Idempotent; a broken legacy log stops every action."""
+        if self._legacy_done:
+            return
         data = self.store.read(LEGACY)
         lines = [line for line in (data or b"").splitlines() if line.strip()]
-        if not lines or len(self.store.list(RECORDS)) >= len(lines):
+        if not lines or self.store.read(record_key(len(lines))) is not None:  # one read, never a listing
+            self._legacy_done = True
             return
         prev = GENESIS
         for seq, line in enumerate(lines, start=1):  # the whole legacy chain is checked before any record is made
@@ -220,6 +225,7 @@ class AuditLog:
         for seq, line in enumerate(lines, start=1):
             if not self._create(record_key(seq), line) and self.store.read(record_key(seq)) != line:
                 raise AuditUnavailable(f"record {seq} differs from the legacy audit log {LEGACY}; nothing was done")
+        self._legacy_done = True
 
     def _witnessed(self) -> Checkpoint | None:
         witness = LocalStore(self.witness_dir)
@@ -233,18 +239,19 @@ class AuditLog:
             problem = f"the witness checkpoint {names[-1]} is unreadable; run `gallerymatch audit verify`"
             raise AuditUnavailable(problem) from exc
 
-    def _check_extends(self, witnessed: Checkpoint | None, head: Head) -> None:
+    def _check_extends(self, witnessed: Checkpoint | None) -> Head | None:
         """Fail closed: never extend a chain that no longer reaches what the witness vouched for (a cut log
-        extended by new records would otherwise look whole again)."""
+        extended by new records would otherwise look whole again). Returns the witnessed head, checked."""
         if witnessed is None or witnessed.count == 0:
-            return
-        record = _parse(self.store.read(record_key(witnessed.count))) if head.seq >= witnessed.count else None
-        if record is None or record.get("hash") != witnessed.head_hash:
+            return None
+        record = _parse(self.store.read(record_key(witnessed.count)))
+        if record is None or record.get("hash") != witnessed.head_hash or record.get("seq") != witnessed.count:
             raise AuditUnavailable(
                 f"the audit log no longer extends its witness (record {witnessed.count} is missing or different): "
                 "records were cut or rewritten. Nothing was done; run `gallerymatch audit verify` and restore the "
                 "log before any further action."
             )
+        return Head(witnessed.count, witnessed.head_hash)
 
     def _signer(self) -> Signer:
         try:
@@ -279,6 +286,47 @@ class AuditLog:
         return self.key_dir / "witness" / home_tag(self.home)
 
     def head(self) -> Head:
+        """The last record: read forward from the witness (or the last head this log saw), a few requests
+        whatever the length of the trail; found by listing (the last folder only) when there is no such start."""
+        try:
+            witnessed = self._witnessed()
+        except AuditUnavailable:
+            witnessed = None
+        start = Head(witnessed.count, witnessed.head_hash) if witnessed is not None and witnessed.count else None
+        return self._find_head(start, checked=False)
+
+    def _find_head(self, start: Head | None, checked: bool) -> Head:
+        """`checked`: `start` was just read and found as it should be (no need to read it again)."""
+        known = self._known if self._known is not None and (start is None or self._known.seq > start.seq) else start
+        head = self._read_forward(known, checked and known is start) if known is not None else None
+        if head is None:
+            head = self._listed_head()
+        self._known = head
+        return head
+
+    def _read_forward(self, known: Head, checked: bool) -> Head | None:
+        """Read the records after `known` until one is absent (one GET each on S3). None when `known` is no
+        longer there as it was (a cut or rewritten log: left to the listing, and to verify) or when the head is
+        far ahead of it: the head is then listed."""
+        if not checked:
+            record = _parse(self.store.read(record_key(known.seq)))
+            if record is None or record.get("hash") != known.hash:
+                return None
+        head = known
+        for _ in range(FORWARD_READS):
+            following = head.seq + 1
+            data = self.store.read(record_key(following))
+            if data is None:
+                return head
+            record = _parse(data)
+            if record is None or record.get("seq") != following:
+                raise AuditUnavailable(
+                    f"audit record {following} is unreadable or out of place: run `gallerymatch audit verify`"
+                )
+            head = Head(following, str(record["hash"]))
+        return None
+
+    def _listed_head(self) -> Head:
         for folder in reversed(self.store.folders(RECORDS)):  # the last folder with a record holds the head
             keys = self.store.list(f"{RECORDS}{folder}/")
             if keys:
@@ -293,9 +341,10 @@ class AuditLog:
 
     def records(self) -> list[dict[str, Any]]:
         """Every record in order; an unreadable one is returned as {"seq": n, "unreadable": True}."""
+        keys = self.store.list(RECORDS)
         out = []
-        for key in self.store.list(RECORDS):
-            record = _parse(self.store.read(key))
+        for key, data in zip(keys, read_many(self.store, keys), strict=True):
+            record = _parse(data)
             out.append(record if record is not None else {"seq": key_seq(key), "unreadable": True})
         return out
 
@@ -305,6 +354,16 @@ class AuditLog:
         from pipelines.audit_verify import verify_chain
 
         return verify_chain(self, list(anchors), against, public_key_hex(self.key_dir))
+
+
+def read_many(store: ObjectStore, keys: list[str]) -> list[bytes | None]:
+    """The objects under `keys`, in order: one GET each is unavoidable on S3, so they run side by side."""
+    if len(keys) <= 4:
+        return [store.read(key) for key in keys]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=READERS) as pool:
+        return list(pool.map(store.read, keys))
 
 
 def _parse(data: bytes | None) -> dict[str, Any] | None:

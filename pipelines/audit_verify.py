@@ -24,14 +24,14 @@ class ChainScan:
 
 
 def scan(log: AuditLog) -> ChainScan:
-    from pipelines.audit import GENESIS, RECORDS, _parse, key_seq, record_hash, record_key
+    from pipelines.audit import GENESIS, RECORDS, _parse, key_seq, read_many, record_hash, record_key
 
     out, prev = ChainScan(), GENESIS
     keys = log.store.list(RECORDS)
     out.total = len(keys)
-    for expected, key in enumerate(keys, start=1):
+    for expected, (key, data) in enumerate(zip(keys, read_many(log.store, keys), strict=True), start=1):
         problem = None
-        record = _parse(log.store.read(key))
+        record = _parse(data)
         if key != record_key(expected) and (key_seq(key) < 0 or record_key(key_seq(key)) != key):
             problem = f"{key} is not a record object but lies among them (planted or renamed)"
         elif key != record_key(expected):
@@ -57,7 +57,7 @@ def scan(log: AuditLog) -> ChainScan:
 def verify_chain(
     log: AuditLog, anchors: list[tuple[str, Head]], against: Checkpoint | None, public_key: str | None
 ) -> dict[str, Any]:
-    from pipelines.audit import CHECKPOINTS, LEGACY, Head
+    from pipelines.audit import CHECKPOINTS, LEGACY, Head, read_many
 
     chain = scan(log)
     legacy = [line for line in (log.store.read(LEGACY) or b"").splitlines() if line.strip()]
@@ -65,9 +65,11 @@ def verify_chain(
         chain.problems.append(
             f"the legacy log {LEGACY} holds {len(legacy)} records the chain does not (the next action adopts them)"
         )
-    signed: list[tuple[str, Checkpoint]] = []
-    for key in log.store.list(CHECKPOINTS):
-        signed.append((f"home checkpoint {key.rsplit('/', 1)[-1]}", _load(log.store.read(key))))
+    keys = log.store.list(CHECKPOINTS)
+    signed: list[tuple[str, Checkpoint]] = [
+        (f"home checkpoint {key.rsplit('/', 1)[-1]}", _load(data))
+        for key, data in zip(keys, read_many(log.store, keys), strict=True)
+    ]
     kept = LocalStore(log.witness_dir)
     witness = kept.list("")
     for name in witness:  # every kept one: an older checkpoint can contradict a chain cut and extended since

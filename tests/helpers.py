@@ -1,13 +1,17 @@
-"""Reading the gallery back for comparisons (timestamps dropped, rows sorted by key)."""
+"""Test helpers: the gallery read back for comparisons, another writer holding the lease, child processes."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +20,7 @@ from lance_tables.store import Gallery
 from pipelines.schemas import KEYS
 from pipelines.settings import Settings
 
+REPO = Path(__file__).resolve().parents[1]
 VOLATILE = {"ingested_at", "quarantined_at", "finished_at", "registered_at"}
 GALLERY_TABLES = ("images", "faces", "image_embeddings", "quarantine", "ledger")
 
@@ -54,18 +59,18 @@ def assert_unique_keys(settings: Settings) -> None:
 
 @contextmanager
 def another_writer(settings: Settings, seconds: float = 60.0) -> Iterator[subprocess.Popen[bytes]]:
-    """Another process holding the home's writer lease until the block ends (it is then killed)."""
-    ready = settings.local_home.parent / f"writer-ready-{os.getpid()}"
+    """Another process holding the home's writer lease (local or s3://) until the block ends (it is then killed)."""
+    sync = Path(tempfile.mkdtemp(prefix="writer-"))
+    ready = sync / "ready"
     code = (
         "import sys, time, pathlib\n"
         "from pipelines.locks import writer_lock\n"
-        "from pipelines.objectstore import LocalStore\n"
-        "with writer_lock(LocalStore(pathlib.Path(sys.argv[1])), command='test writer'):\n"
+        "from pipelines.settings import Settings\n"
+        "with writer_lock(Settings(home=sys.argv[1]).store, command='test writer'):\n"
         "    pathlib.Path(sys.argv[2]).touch()\n"
         f"    time.sleep({seconds})\n"
     )
-    settings.local_home.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", code, str(settings.store.root), str(ready)])
+    proc = subprocess.Popen([sys.executable, "-c", code, settings.home_uri, str(ready)], env=child_env(), cwd=REPO)
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():
@@ -75,4 +80,40 @@ def another_writer(settings: Settings, seconds: float = 60.0) -> Iterator[subpro
     finally:
         proc.kill()
         proc.wait()
-        ready.unlink(missing_ok=True)
+        shutil.rmtree(sync, ignore_errors=True)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: this one's (the AWS_* variables of an S3 home included), with bytecode
+    cached outside the repository (without it every child compiles lancedb and pyarrow again)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return (
+        env
+        | {
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+            "PYTHONPYCACHEPREFIX": str(Path(tempfile.gettempdir()) / "gallerymatch-test-pycache"),
+        }
+        | extra
+    )
+
+
+_PUTS = threading.Lock()
+
+
+def faithful_conditional_puts() -> None:
+    """Make moto's conditional PUT atomic, as S3's is. moto (5.2) checks If-None-Match and then stores, two steps
+    between which another request thread of its server can store the same key: two creates could then both
+    succeed, which S3 never lets happen. The server runs in this process, so one lock around its PUT handler
+    serves every client (threads and child processes alike). Idempotent."""
+    from moto.s3.responses import S3Response
+
+    if getattr(S3Response.put_object, "_serialised", False):
+        return
+    real = S3Response.put_object
+
+    def put_object(self: Any) -> Any:
+        with _PUTS:
+            return real(self)
+
+    put_object._serialised = True  # type: ignore[attr-defined]
+    S3Response.put_object = put_object  # type: ignore[method-assign]

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import make_settings
+from helpers import child_env, faithful_conditional_puts
 
 from jobs.audit_job import export_checkpoint, verify_home
 from pipelines import audit as audit_module
@@ -27,6 +28,7 @@ from pipelines import objectstore
 from pipelines.audit import (
     CHECKPOINT_EVERY,
     GENESIS,
+    LEGACY,
     MAX_RECORD_BYTES,
     AuditLog,
     AuditUnavailable,
@@ -104,32 +106,37 @@ def test_chain_links_every_record(tmp_path: Path) -> None:
     assert not (settings.local_home / "audit-signing-key.pem").exists() and not list(settings.local_home.rglob("*.pem"))
 
 
-def test_concurrent_threads_never_share_a_sequence_number(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_threads_never_share_a_sequence_number(
+    any_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every thread reads the same head before any of them writes: all but one must lose seq 1 and retry."""
-    settings, _ = new_log(tmp_path)
+    settings = any_settings
     load_signer(settings.resolved_audit_key_dir)  # the key's own first-use race has its test below
-    threads, per_thread = 6, 8
+    threads, per_thread = 6, (3 if settings.storage.is_s3 else 8)
+    if settings.storage.is_s3:
+        faithful_conditional_puts()
     barrier = threading.Barrier(threads, timeout=30)
-    real_head = AuditLog.head
+    real_head = AuditLog._find_head
     first: set[int] = set()
     lost: list[str] = []
-    real_create = LocalStore.create
+    store_type = type(settings.store)
+    real_create = store_type.create
 
-    def head(self: AuditLog) -> Head:
-        h = real_head(self)
+    def head(self: AuditLog, *args: Any) -> Head:
+        h = real_head(self, *args)
         if threading.get_ident() not in first:
             first.add(threading.get_ident())
             barrier.wait()  # everybody holds the same head now
         return h
 
-    def create(self: LocalStore, key: str, data: bytes) -> bool:
+    def create(self: Any, key: str, data: bytes) -> bool:
         made = real_create(self, key, data)
         if key.startswith("audit/records/") and not made:
             lost.append(key)
         return made
 
-    monkeypatch.setattr(AuditLog, "head", head)
-    monkeypatch.setattr(LocalStore, "create", create)
+    monkeypatch.setattr(AuditLog, "_find_head", head)
+    monkeypatch.setattr(store_type, "create", create)
     errors: list[BaseException] = []
 
     def work(worker: int) -> None:
@@ -198,14 +205,15 @@ WRITER = """
 import sys, time
 from pathlib import Path
 from pipelines.audit import AuditLog
-from pipelines.objectstore import LocalStore
 from pipelines.settings import Settings
 
 home, keys, worker, n, sync = sys.argv[1:]
-real_head, real_create, lost, first = AuditLog.head, LocalStore.create, [0], [True]
+settings = Settings(home=home, audit_key_dir=keys, model_downloads=False)
+Store = type(settings.store)
+real_head, real_create, lost, first = AuditLog._find_head, Store.create, [0], [True]
 
-def head(self):
-    h = real_head(self)
+def head(self, *args):
+    h = real_head(self, *args)
     if first[0]:  # read the head, then wait for every other process to have read it too
         first[0] = False
         Path(sync, "ready-" + worker).touch()
@@ -219,27 +227,31 @@ def create(self, key, data):
     lost[0] += key.startswith("audit/records/") and not made
     return made
 
-AuditLog.head, LocalStore.create = head, create
-log = AuditLog.of(Settings(home=home, audit_key_dir=keys, model_downloads=False))
+AuditLog._find_head, Store.create = head, create
+log = AuditLog.of(settings)
 for i in range(int(n)):
     log.append("process-" + worker, "match", counts={"i": i})
 print(lost[0])
 """
 
 
-def test_concurrent_processes_form_one_chain(tmp_path: Path) -> None:
-    settings, log = new_log(tmp_path, 2)  # the key exists; the processes race on records only
+def test_concurrent_processes_form_one_chain(any_settings: Settings, tmp_path: Path) -> None:
+    """Processes (each its own S3 client, or its own files) that all read head 2 and write at once."""
+    settings, log = any_settings, AuditLog.of(any_settings)
+    fill(log, 2)  # the key exists; the processes race on records only
     sync = tmp_path / "sync"
     sync.mkdir()
-    procs, per_proc = 3, 12
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    procs, per_proc = 3, (4 if settings.storage.is_s3 else 12)
+    if settings.storage.is_s3:
+        faithful_conditional_puts()
+    env = child_env(PYTHONPATH=str(ROOT))
     running = [
         subprocess.Popen(
             [
                 sys.executable,
                 "-c",
                 WRITER,
-                str(settings.home),
+                settings.home_uri,
                 str(settings.audit_key_dir),
                 str(w),
                 str(per_proc),
@@ -269,26 +281,43 @@ def test_concurrent_processes_form_one_chain(tmp_path: Path) -> None:
     assert result["ok"] and result["records"] == total, result
 
 
-def test_head_lists_only_the_last_bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Appending must not get slower as the trail grows: the head is found in the last folder alone."""
+def test_the_head_is_found_without_reading_the_trail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Appending must not get slower as the trail grows: the head is read forward from the witness (no listing);
+    with nothing to start from, it is found by listing the last folder alone."""
     monkeypatch.setattr(audit_module, "BUCKET", 10)
     settings, log = new_log(tmp_path, 25)  # folders 0 (1-9), 1 (10-19), 2 (20-25)
     folders = sorted(p.name for p in (settings.local_home / "audit" / "records").iterdir())
     assert folders == ["00000000", "00000001", "00000002"]
     assert log.verify()["ok"]
     listed: list[str] = []
-    real_list = LocalStore.list
+    read: list[str] = []
+    real_list, real_read = LocalStore.list, LocalStore.read
 
-    def spy(self: LocalStore, prefix: str) -> list[str]:
+    def spy_list(self: LocalStore, prefix: str) -> list[str]:
         keys = real_list(self, prefix)
-        listed.extend(keys)
+        if self.root == settings.local_home:  # the home, not the witness (a local folder beside the key)
+            listed.extend(keys)
         return keys
 
-    monkeypatch.setattr(LocalStore, "list", spy)
-    assert log.head().seq == 25
+    def spy_read(self: LocalStore, key: str) -> bytes | None:
+        if self.root == settings.local_home:
+            read.append(key)
+        return real_read(self, key)
+
+    monkeypatch.setattr(LocalStore, "list", spy_list)
+    monkeypatch.setattr(LocalStore, "read", spy_read)
+    assert AuditLog.of(settings).head().seq == 25  # a new log (another command): only the witness to start from
+    assert listed == [] and read == [record_key(25), record_key(26)], read
+    read.clear()
+    assert log.append("analyst-1", "match")["seq"] == 26
+    assert listed == [] and [k for k in read if k.startswith("audit/records/")] == [record_key(25), record_key(26)]
+    shutil.rmtree(log.witness_dir)  # nothing to start from: the last folder is listed, and only it
+    read.clear()
+    assert AuditLog.of(settings).head().seq == 26
     assert listed and all(k.startswith("audit/records/00000002/") for k in listed), listed
-    shutil.rmtree(settings.local_home / "audit" / "records" / "00000001")  # a whole middle folder goes
     monkeypatch.setattr(LocalStore, "list", real_list)
+    monkeypatch.setattr(LocalStore, "read", real_read)
+    shutil.rmtree(settings.local_home / "audit" / "records" / "00000001")  # a whole middle folder goes
     result = broken(log)
     assert result["first_bad_record"] == 10 and "record 10 is missing" in said(result)
 
@@ -417,6 +446,111 @@ def test_a_forged_home_checkpoint_is_caught(tmp_path: Path) -> None:
     path.write_bytes(json.dumps(body | {"count": 60}).encode())  # lower the count it vouches for
     result = broken(log)
     assert "invalid signature" in said(result)
+
+
+# -- 2b. tampering through the bucket (an S3 home) -------------------------------------------------------------
+
+
+def s3_key(settings: Settings, key: str) -> tuple[Any, str, str]:
+    """A raw boto3 client (what an insider with the bucket's credentials has), the bucket, and the object key."""
+    from s3 import client
+
+    bucket, _, prefix = settings.home_uri.removeprefix("s3://").partition("/")
+    return client(dict(os.environ)), bucket, f"{prefix}/{key}"
+
+
+def test_a_record_overwritten_in_the_bucket_is_caught(s3_settings: Settings) -> None:
+    settings, log = s3_settings, AuditLog.of(s3_settings)
+    fill(log, 6)
+    assert log.verify()["ok"]
+    raw, bucket, key = s3_key(settings, record_key(3))
+    record = json.loads(raw.get_object(Bucket=bucket, Key=key)["Body"].read())
+    raw.put_object(Bucket=bucket, Key=key, Body=canonical(record | {"case_id": "CASE-OTHER"}))  # a plain PUT
+    result = broken(log)
+    assert result["first_bad_record"] == 3 and "record 3: its content does not match its hash" in said(result)
+
+
+def test_a_perfect_rehash_in_the_bucket_is_caught_by_the_witness(s3_settings: Settings) -> None:
+    settings, log = s3_settings, AuditLog.of(s3_settings)
+    fill(log, 6)
+    raw, bucket, _ = s3_key(settings, record_key(1))
+    prev = None
+    for seq in range(3, 7):  # rewrite record 3, then recompute every later prev_hash and hash
+        key = s3_key(settings, record_key(seq))[2]
+        record = json.loads(raw.get_object(Bucket=bucket, Key=key)["Body"].read())
+        record |= {"actor": "someone-else"} if seq == 3 else {"prev_hash": prev}
+        record["hash"] = prev = record_hash(record)
+        raw.put_object(Bucket=bucket, Key=key, Body=canonical(record))
+    result = broken(log)
+    assert result["first_bad_record"] is None and "witness" in said(result) and "rewritten" in said(result)
+
+
+def test_records_deleted_in_the_bucket_are_caught_and_stop_every_action(s3_settings: Settings) -> None:
+    settings, log = s3_settings, AuditLog.of(s3_settings)
+    fill(log, 6)
+    raw, bucket, key = s3_key(settings, record_key(3))
+    raw.delete_object(Bucket=bucket, Key=key)
+    result = broken(log)
+    assert result["first_bad_record"] == 3 and "record 3 is missing" in said(result)
+    for seq in (5, 6):  # the tail too: the remaining records 1, 2, 4 say nothing of it, the witness does
+        raw.delete_object(Bucket=bucket, Key=s3_key(settings, record_key(seq))[2])
+    assert "vouches for 6 records but the log holds 3" in said(broken(log))
+    with pytest.raises(AuditUnavailable, match="no longer extends its witness"):
+        AuditLog.of(settings).append("analyst-1", "match")  # fails closed: nothing is added to a cut log
+    assert len(settings.store.list("audit/records/")) == 3
+
+
+class Requests:
+    """Every request the home's boto3 client sends, by operation (`before-send` fires once per HTTP request)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.client = settings.storage.s3.client()  # type: ignore[union-attr]
+        self.sent: list[str] = []
+
+    def _count(self, event_name: str, **_: Any) -> None:
+        self.sent.append(event_name.rsplit(".", 1)[-1])
+
+    def __enter__(self) -> Requests:
+        self.client.meta.events.register("before-send.s3.*", self._count)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.meta.events.unregister("before-send.s3.*", self._count)
+
+    def of(self, operation: str) -> int:
+        return self.sent.count(operation)
+
+
+def test_an_append_on_s3_costs_a_few_requests_whatever_the_trail_length(
+    s3_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No listing when appending (a listing grows with the trail, and S3 lists 1000 keys per request): the head
+    is read forward from the witness, so an append is a handful of GETs and one PUT, at 3 records as at 40."""
+    monkeypatch.setattr(audit_module, "BUCKET", 10)  # several folders, as a long trail has
+    settings = s3_settings
+    costs = []
+    for total in (3, 40):
+        fill(AuditLog.of(settings), total - len(settings.store.list("audit/records/")))
+        with Requests(settings) as sent:
+            AuditLog.of(settings).append("analyst-1", "match")  # a new log, as every command makes
+        costs.append(sorted(sent.sent))
+        assert sent.of("ListObjectsV2") == 0 and sent.of("PutObject") == 1 and sent.of("GetObject") <= 3, sent.sent
+    assert costs[0] == costs[1]
+    # a home that began as a one-file log: whether it was adopted is one read, not a listing of the whole chain
+    first = b"\n".join(settings.store.read(record_key(seq)) or b"" for seq in (1, 2, 3))
+    assert settings.store.create(LEGACY, first + b"\n")
+    with Requests(settings) as sent:
+        AuditLog.of(settings).append("analyst-1", "match")
+    assert sent.of("ListObjectsV2") == 0 and sent.of("GetObject") <= 4, sent.sent  # one more: the last legacy record
+    with Requests(settings) as sent, AuditLog.of(settings).action("analyst-1", "match", case_id="C-1"):
+        pass  # legacy check (2 GETs), intent (2 GETs, PUT), open marker, outcome (2 GETs, PUT), marker removed
+    assert sent.of("ListObjectsV2") == 0 and len(sent.sent) <= 10, sent.sent
+    with Requests(settings) as sent:
+        assert AuditLog.of(settings).head().seq == 44
+    assert sent.sent == ["GetObject", "GetObject"]
+    with Requests(settings) as sent:
+        assert AuditLog.of(settings).verify()["ok"]
+    assert sent.of("GetObject") == 44 + 1 and sent.of("ListObjectsV2") <= 3  # a GET a record, and the legacy log
 
 
 # -- 3. bounded records ------------------------------------------------------------------------------------------
