@@ -151,10 +151,17 @@ def _break(store: ObjectStore, lease: Lease) -> None:
 
 
 def _heartbeat(store: ObjectStore, lease: Lease, stop: threading.Event) -> None:
+    """Renew every quarter of the time-to-live; only the newest renewal is kept (a long job leaves one object,
+    and a waiter's check lists one or two, not one per renewal since the start)."""
+    previous: str | None = None
     while not stop.wait(lease.ttl_s / 4):
+        renewal = f"{RENEWALS}{lease.lease_id}/{int(time.time() * 1000):015d}"
         try:
-            store.create(f"{RENEWALS}{lease.lease_id}/{int(time.time() * 1000):015d}", b"")
-        except OSError:
+            store.create(renewal, b"")
+            if previous is not None:
+                store.delete(previous)
+            previous = renewal
+        except Exception:  # noqa: BLE001 - S3 and network errors too: a dead heartbeat would let the lease expire
             continue  # a missed renewal only shortens the lease; the next one may succeed
 
 

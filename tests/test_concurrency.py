@@ -3,15 +3,20 @@ once and every search gets its own complete run; an erasure refuses at once rath
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from conftest import make_settings, register
-from helpers import another_writer
+from helpers import another_writer, faithful_conditional_puts
 from test_erasure_crash import REPO, embeddings_file, env_for
 
 from jobs.erase import erase
@@ -20,7 +25,8 @@ from jobs.match import run_match
 from jobs.watchlist import Submission, submit
 from lance_tables.store import Gallery
 from pipelines.audit import AuditLog
-from pipelines.errors import Refused
+from pipelines.errors import GalleryMatchError, Refused
+from pipelines.locks import LEASE, RENEWALS, Lease, writer_lock
 from pipelines.results import list_runs, load_run
 from pipelines.settings import Settings
 from pipelines.sql import sql_list
@@ -175,3 +181,76 @@ def test_erase_refuses_while_another_writer_holds_the_lease(tmp_path: Path) -> N
     receipt = erase(settings, "request", "dpo-1", subject_id="subj-x")  # the holder is gone: its lease is stale
     assert receipt["ok"] and receipt["removed_rows"]["image_embeddings"] == 1
     assert gallery.count("image_embeddings") == 300
+
+
+# -- the writer lease itself, on a local and on an S3 home -------------------------------------------------------
+
+
+def lease_body(host: str, pid: int, acquired_at: float, ttl_s: float, lease_id: str = "elsewhere-1") -> bytes:
+    return Lease(lease_id, host, pid, "match", acquired_at, ttl_s).to_json()
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holder_is_taken_over(any_settings: Settings) -> None:
+    settings = any_settings
+    if settings.storage.is_s3:
+        faithful_conditional_puts()  # two creates of the lease object: S3 lets one win, moto must too
+    store = settings.store
+    with another_writer(settings) as holder:
+        for exclusive, wait in ((True, 60.0), (False, 0.5)):
+            with pytest.raises(Refused) as refused, writer_lock(store, exclusive, wait, command="erase"):
+                pytest.fail("a second writer got the lease")
+            message = str(refused.value)
+            assert (
+                f"test writer (pid {holder.pid} on {socket.gethostname()})" in message and "Nothing was done" in message
+            )
+            assert ("erasure cannot guarantee removal" if exclusive else "waited") in message
+        assert json.loads(store.read(LEASE) or b"{}")["pid"] == holder.pid  # the refusals left the lease alone
+        holder.send_signal(signal.SIGKILL)  # crashed while holding it: no release, the lease object stays
+        holder.wait()
+        assert json.loads(store.read(LEASE) or b"{}")["pid"] == holder.pid
+        started = time.monotonic()
+        with writer_lock(store, wait_s=30, command="next") as lease_id:
+            assert time.monotonic() - started < 5  # a dead holder on this host is known dead at once
+            held = json.loads(store.read(LEASE) or b"{}")
+            assert held["lease_id"] == lease_id and held["pid"] == os.getpid() and held["command"] == "next"
+    assert store.list("locks/") == []  # released at the end: no lease, renewal or break marker left
+
+
+def test_a_lease_not_renewed_within_its_ttl_expires(any_settings: Settings) -> None:
+    """A holder on another machine cannot be asked whether it lives: its renewals say so, within its TTL."""
+    settings = any_settings
+    store = settings.store
+    now = time.time()
+    assert store.create(LEASE, lease_body("other-host", 4242, now - 100, ttl_s=5))
+    assert store.create(f"{RENEWALS}elsewhere-1/{int(now * 1000):015d}", b"")  # ...but renewed just now
+    with pytest.raises(Refused, match=r"match \(pid 4242 on other-host\)"), writer_lock(store, wait_s=0.3):
+        pytest.fail("a renewed lease was taken over")
+    store.delete(f"{RENEWALS}elsewhere-1/{int(now * 1000):015d}")  # no renewal for 100 s, TTL 5 s: it crashed
+    with writer_lock(store, wait_s=5, command="next"):
+        assert json.loads(store.read(LEASE) or b"{}")["host"] == socket.gethostname()
+    assert store.list("locks/") == []
+
+
+def test_a_held_lease_is_renewed_and_released(any_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The heartbeat renews every TTL/4 and keeps only its newest renewal; a failed renewal (a network or S3 error,
+    not only an OSError) does not stop it, or the lease would expire under a live writer."""
+    settings = any_settings
+    store = settings.store
+    store_type = type(store)
+    real_create = store_type.create
+    failed: list[str] = []
+
+    def flaky(self: Any, key: str, data: bytes) -> bool:
+        if key.startswith(RENEWALS) and not failed:
+            failed.append(key)
+            raise GalleryMatchError("the store is unreachable for a moment")
+        return real_create(self, key, data)
+
+    monkeypatch.setattr(store_type, "create", flaky)
+    with writer_lock(store, ttl_s=1.0, command="long job") as lease_id:
+        time.sleep(1.3)  # about five beats: the first fails, the others renew
+        renewals = store.list(f"{RENEWALS}{lease_id}/")
+        assert failed and 1 <= len(renewals) <= 2, renewals  # not one object per beat since the start
+        stamp = int(renewals[-1].rsplit("/", 1)[-1]) / 1000
+        assert time.time() - stamp < 1.0  # renewed within its TTL: nobody may take it over
+    assert store.list("locks/") == []
