@@ -91,21 +91,30 @@ def _manifest_keys(store: ObjectStore) -> dict[RunKey, list[tuple[int, str]]]:
 
 def list_runs(store: ObjectStore) -> list[dict[str, Any]]:
     """Manifests of every complete run (its latest generation), newest first."""
+    return _load_manifests(store, _manifest_keys(store))
+
+
+def _load_manifests(store: ObjectStore, found: dict[RunKey, list[tuple[int, str]]]) -> list[dict[str, Any]]:
+    """One listing found them; the latest generation of each is read (side by side: a GET each on S3)."""
+    from pipelines.audit import read_many
+
+    latest = [(key, generations[-1][1]) for key, generations in found.items()]
     runs = []
-    for key, generations in _manifest_keys(store).items():
-        data = store.read(generations[-1][1])
+    for (key, name), data in zip(latest, read_many(store, [name for _, name in latest]), strict=True):
         if data is None:
             continue
         try:
             manifest = json.loads(data)
         except ValueError:
             continue
-        runs.append(manifest | {"path": store.location(key.prefix), "manifest_key": generations[-1][1]})
+        runs.append(manifest | {"path": store.location(key.prefix), "manifest_key": name})
     return sorted(runs, key=lambda m: (m.get("matched_at", ""), m.get("run_id", "")), reverse=True)
 
 
 def find_run(store: ObjectStore, run_id: str) -> dict[str, Any] | None:
-    return next((m for m in list_runs(store) if m["run_id"] == run_id), None)
+    """One run's manifest: the listing names the run, so only its manifest is read (not every run's)."""
+    found = {key: generations for key, generations in _manifest_keys(store).items() if key.run_id == run_id}
+    return next(iter(_load_manifests(store, found)), None)
 
 
 def require_run(store: ObjectStore, run_id: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,13 +59,34 @@ class S3Store:
     def _relative(self, full: str) -> str:
         return full[len(self.prefix) + 1 :] if self.prefix else full
 
+    @contextmanager
+    def _reaching(self, what: str, refusals: bool = True) -> Iterator[None]:
+        """A store that cannot be reached (no route, refused, timed out after botocore's retries, a bad proxy), or
+        that refuses (`refusals`: no such bucket, access denied), is one line naming the bucket and where it was
+        sought, not an unexpected exception from deep inside botocore."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        where = self.config.endpoint or f"AWS S3 (region {self.config.region}, https)"
+        try:
+            yield
+        except BotoCoreError as exc:
+            raise S3Error(f"could not {what} s3://{self.bucket}/{self.prefix}: {where} is unreachable ({exc})") from exc
+        except ClientError as exc:
+            if not refusals:
+                raise
+            code, status = _error(exc)
+            raise S3Error(
+                f"could not {what} s3://{self.bucket}/{self.prefix} at {where}: {code} (HTTP {status})"
+            ) from exc
+
     def create(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
 
         full = self._key(key)
         for attempt in range(CONFLICT_RETRIES):
             try:
-                self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+                with self._reaching("write to", refusals=False):
+                    self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
                 return True
             except ClientError as exc:
                 code, status = _error(exc)
@@ -80,11 +102,12 @@ class S3Store:
         from botocore.exceptions import ClientError
 
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
-            try:
-                return bytes(body.read())
-            finally:
-                body.close()
+            with self._reaching("read from", refusals=False):
+                body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+                try:
+                    return bytes(body.read())
+                finally:
+                    body.close()
         except ClientError as exc:
             code, status = _error(exc)
             if status == 404 or code in ("NoSuchKey", "NotFound"):
@@ -93,7 +116,8 @@ class S3Store:
 
     def _pages(self, **kwargs: Any) -> Iterator[dict[str, Any]]:
         paginator = self.client.get_paginator("list_objects_v2")
-        yield from paginator.paginate(Bucket=self.bucket, **kwargs)
+        with self._reaching("list"):
+            yield from paginator.paginate(Bucket=self.bucket, **kwargs)
 
     def folders(self, prefix: str) -> list[str]:
         base = self._base(prefix)
@@ -119,7 +143,8 @@ class S3Store:
         }
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        with self._reaching("delete from"):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def delete_many(self, keys: builtins.list[str]) -> None:
         for start in range(0, len(keys), 1000):
@@ -129,7 +154,8 @@ class S3Store:
     def _delete_objects(self, batch: builtins.list[dict[str, str]]) -> None:
         if not batch:
             return
-        reply = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        with self._reaching("delete from"):
+            reply = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         errors = reply.get("Errors") or []
         if errors:
             first = errors[0]
@@ -140,10 +166,13 @@ class S3Store:
         base = self._base(prefix)
         paginator = self.client.get_paginator("list_multipart_uploads")
         dropped = 0
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
-            for upload in page.get("Uploads", []) or []:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-                dropped += 1
+        with self._reaching("tidy"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
+                for upload in page.get("Uploads", []) or []:
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+                    dropped += 1
         return dropped
 
     def location(self, key: str) -> str:

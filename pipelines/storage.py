@@ -137,7 +137,9 @@ def _client(config: S3Config) -> Any:
         core = botocore.session.Session()
         for variable in ("config_file", "credentials_file"):  # no ~/.aws files: only the AWS_* variables count
             core.set_config_variable(variable, os.devnull)
-        core.set_config_variable("profile", None)
+        # AWS_PROFILE naming a profile of the ignored files would fail every request: no profile at all (None as a
+        # session variable means "unset" to botocore, which then reads AWS_PROFILE; an override is kept as None)
+        core.get_component("config_store").set_config_variable("profile", None)
         session = boto3.session.Session(
             botocore_session=core,
             aws_access_key_id=config.access_key,

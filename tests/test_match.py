@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_settings, register
+from helpers import child_env
 
 from jobs.import_embeddings import run_import
 from jobs.match import run_match
@@ -368,3 +374,55 @@ def test_result_sets_written_before_generations_still_read(gallery, tmp_path: Pa
     manifest.unlink()
     assert sweep(settings.store) == []
     assert load_run(settings.store, run["run_id"]).num_rows == 6
+
+
+def gm(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The `gallerymatch` command in a child process, on this home (local or s3://, the AWS_* variables inherited)."""
+    home = {"GALLERYMATCH_HOME": settings.home_uri, "GALLERYMATCH_AUDIT_KEY_DIR": str(settings.audit_key_dir)}
+    script = Path(sys.executable).parent / "gallerymatch"
+    return subprocess.run(
+        [str(script), *args], capture_output=True, text=True, env=child_env(**home, **env), timeout=600, check=False
+    )
+
+
+def test_a_match_killed_between_its_parts_and_its_manifest(any_settings: Settings, tmp_path: Path) -> None:
+    """SIGKILL after the parts are stored, before the manifest: no run anywhere a reader looks (the CLI, the
+    Polars API), and the next writer command removes the orphan parts from the home (the bucket, on S3)."""
+    import polars as pl
+
+    from jobs.api import results
+
+    settings = any_settings
+    register(settings)
+    vecs = sign_vectors(30, 1)
+    run_import(
+        settings,
+        write_embeddings(tmp_path / "g.parquet", [f"r{i}" for i in range(30)], vecs),
+        "archive",
+        "model-a",
+        "image",
+        DIM,
+    )
+    wid = watch(settings, tmp_path, vecs[:2], top_k=3)
+    killed = gm(settings, "match", wid, "--json", GALLERYMATCH_KILL_AT="results:before-manifest")
+    assert killed.returncode == -signal.SIGKILL and killed.stdout == "", killed.stderr[-2000:]
+    orphans = [k for k in settings.store.list("results/") if k.endswith(".parquet")]
+    assert len(orphans) == 1 and settings.store.list("manifests/") == []  # the part is there, no manifest
+    if settings.storage.is_s3:  # seen in the bucket itself, not only through the store
+        from s3 import client
+
+        bucket, _, prefix = settings.home_uri.removeprefix("s3://").partition("/")
+        listed = client(dict(os.environ)).list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/results/")
+        assert [o["Key"] for o in listed["Contents"]] == [f"{prefix}/{orphans[0]}"]
+    listed_runs = gm(settings, "results", "list", "--json")
+    assert listed_runs.returncode == 0 and json.loads(listed_runs.stdout) == {"runs": []}, listed_runs.stderr
+    frame = results(settings.home_uri)
+    assert isinstance(frame, pl.LazyFrame) and frame.collect().height == 0
+    (intent,) = [r for r in AuditLog.of(settings).records() if r["action"] == "match"]  # the search's intent only
+    run = run_match(settings, wid)  # the next writer: sweeps the orphan, closes the dead search's record
+    parts = [k for k in settings.store.list("results/") if k.endswith(".parquet")]
+    assert parts and all(f"/run_id={run['run_id']}/" in k for k in parts) and orphans[0] not in parts
+    assert results(settings.home_uri).collect().height == 2 * 3
+    outcomes = [r for r in AuditLog.of(settings).records() if r.get("intent_seq") == intent["seq"]]
+    assert [(o["status"], o.get("recovered")) for o in outcomes] == [("interrupted", True)]
+    assert AuditLog.of(settings).verify()["incomplete_actions"] == []
