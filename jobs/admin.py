@@ -34,13 +34,15 @@ def register_source(
 def pack_images(
     settings: Settings,
     images_dir: Path,
-    shards_dir: Path,
+    shards_dir: str | Path,
     source_id: str,
     rows_per_shard: int | None,
     metadata: Path | None,
     default_minor: bool | None,
 ) -> PackReport:
-    """Pack under the lease (its shards are content-named, so a rerun writes the same files)."""
+    """Pack under the lease (its shards are content-named, so a rerun writes the same files).
+
+    `shards_dir` is a local folder or an s3:// URI (written with the AWS_* variables)."""
     with writer_session(settings, "pack") as log:
         require_registered(Gallery(settings.storage), {source_id})
         meta = read_metadata_csv(metadata) if metadata else None

@@ -60,14 +60,16 @@ def _agree(model_id: str, known: int | None, dim: int | None) -> None:
 
 def run_import(
     settings: Settings,
-    path: Path,
+    path: str | Path,
     source_id: str,
     model_id: str,
     modality: Modality,
     dim: int | None,
     allow_undeclared_minors: bool = False,
 ) -> dict[str, Any]:
-    """Under the writer lease (Lance's merge_insert does not stop two writers inserting the same new keys)."""
+    """Under the writer lease (Lance's merge_insert does not stop two writers inserting the same new keys).
+
+    `path` is a local file or an s3:// URI (read with the AWS_* variables)."""
     from jobs.session import writer_session
 
     check_model_id(model_id)

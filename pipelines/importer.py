@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 
 from pipelines.errors import Refused
 from pipelines.shards import ID_RULE, is_valid_id, minor_column_state
+from pipelines.storage import filesystem_for
 from pipelines.vocab import Reason
 
 BATCH_ROWS = 65536
@@ -31,12 +32,16 @@ class ImportBatch:
     quarantine: list[dict[str, Any]] = field(default_factory=list)
 
 
-def open_embeddings(path: Path, id_column: str = "record_id") -> pq.ParquetFile:
-    """Open the file and refuse, naming what is missing, when it is not in the contract's format."""
-    if not path.is_file():
+def open_embeddings(path: str | Path, id_column: str = "record_id") -> pq.ParquetFile:
+    """Open the file (a local path or an s3:// URI) and refuse, naming what is missing, when it is not in
+    the contract's format."""
+    import pyarrow.fs as pafs
+
+    fs, where = filesystem_for(path)
+    if fs.get_file_info(where).type != pafs.FileType.File:
         raise Refused(f"{path} does not exist")
     try:
-        handle = pq.ParquetFile(path)
+        handle = pq.ParquetFile(fs.open_input_file(where))
     except Exception as exc:
         raise Refused(f"{path} is not a readable Parquet file: {exc}") from exc
     names = handle.schema_arrow.names
@@ -51,7 +56,7 @@ def open_embeddings(path: Path, id_column: str = "record_id") -> pq.ParquetFile:
     return handle
 
 
-def _check_embedding_type(path: Path, kind: pa.DataType) -> None:
+def _check_embedding_type(path: str | Path, kind: pa.DataType) -> None:
     is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
     values = kind.value_type if is_list else None
     if values is None or not (pa.types.is_floating(values) or pa.types.is_integer(values)):
@@ -66,7 +71,7 @@ def _id_type(kind: pa.DataType) -> bool:
     return any(check(kind) for check in checks)
 
 
-def check_minor_column(handle: pq.ParquetFile, path: Path, allow_undeclared_minors: bool = False) -> MinorPolicy:
+def check_minor_column(handle: pq.ParquetFile, path: str | Path, allow_undeclared_minors: bool = False) -> MinorPolicy:
     """Fail closed on minors: a file must declare a bool `minor` column, unless the operator says otherwise."""
     state = minor_column_state(handle.schema_arrow)
     if state == "wrong-type":
@@ -81,9 +86,11 @@ def check_minor_column(handle: pq.ParquetFile, path: Path, allow_undeclared_mino
     return "allow-undeclared" if state == "absent" else "required"
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: str | Path) -> str:
+    """sha256 of the file's bytes (a local path or an s3:// URI)."""
+    fs, where = filesystem_for(path)
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with fs.open_input_stream(where) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,7 @@ import numpy as np
 from pipelines.clip import ClipPreparer
 from pipelines.decode import Decoded, decode_image
 from pipelines.faces import CROP_SIZE, Face, FaceDetector
-from pipelines.shards import ID_RULE, ShardProblem, is_valid_id, read_shard
+from pipelines.shards import ID_RULE, ShardProblem, ShardUnreadable, is_valid_id, read_shard
 from pipelines.task import IngestTask, WorkItem
 from pipelines.vocab import Reason
 
@@ -59,8 +58,10 @@ class PrepareStage:
     def process(self, item: WorkItem) -> PreparedShard:
         self.setup()
         out = PreparedShard(item)
-        try:
-            table = read_shard_rows(item.shard_uri, self.task.allow_undeclared_minors)
+        try:  # the worker opens the shard itself, from its URI (a local path or s3://)
+            table = read_shard_rows(item.shard_uri, self.task.allow_undeclared_minors, item.shard_key)
+        except ShardUnreadable:  # storage, not content: the run stops and a rerun retries the shard
+            raise
         except ShardProblem as exc:  # a shard that cannot be ingested (no minor column...): quarantined whole
             out.quarantine.append(_quarantine(item.shard_key, None, item.shard_uri, "shard", exc.reason, exc.detail))
             return out
@@ -167,8 +168,10 @@ class PrepareStage:
             crops.append(face.crop)
 
 
-def read_shard_rows(uri: str, allow_undeclared_minors: bool = False) -> list[dict[str, Any]]:
-    return read_shard(Path(uri), allow_undeclared_minors).to_pylist()
+def read_shard_rows(
+    uri: str, allow_undeclared_minors: bool = False, expected_key: str | None = None
+) -> list[dict[str, Any]]:
+    return read_shard(uri, allow_undeclared_minors, expected_key).to_pylist()
 
 
 def _metadata_problem(row: dict[str, Any]) -> tuple[Reason, str] | None:
