@@ -6,9 +6,9 @@ import dataclasses
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from jobs.session import writer_session
 from lance_tables.erasure import erased_ids
@@ -17,23 +17,27 @@ from lance_tables.sources import require_registered
 from lance_tables.store import Gallery
 from pipelines.audit import digest
 from pipelines.embed import ShardOutput
+from pipelines.engines import Engine as EngineRunner
+from pipelines.engines import EngineName, EngineOptions, open_engine
 from pipelines.models import ensure_weights, face_spec, image_spec
 from pipelines.settings import Settings
 from pipelines.shards import find_shards, shard_key, shard_sources
 from pipelines.task import IngestTask, Modality, WorkItem, ledger_key
 
-Engine = Literal["local", "ray", "modal"]
+Engine = EngineName  # the engine's name, as the CLI and scripts pass it
 
 
-def plan(task: IngestTask, shards: list[Path], done: set[str]) -> tuple[list[WorkItem], int]:
-    """Work items for shards with parts still to do, and how many shards are already complete."""
+def plan(task: IngestTask, shards: Sequence[str | Path], done: set[str]) -> tuple[list[WorkItem], int]:
+    """Work items for shards with parts still to do, and how many shards are already complete.
+
+    A packed shard's identity comes from its name: planning reads no shard (others are hashed)."""
     items, skipped = [], 0
-    for path in shards:
-        key = shard_key(path)
+    for uri in shards:
+        key = shard_key(uri)
         do_face = task.wants_face and ledger_key(key, task.face_part()) not in done
         do_image = task.wants_image and ledger_key(key, task.image_part()) not in done
         if do_face or do_image:
-            items.append(WorkItem(str(path), key, do_face, do_image))
+            items.append(WorkItem(str(uri), key, do_face, do_image))
         else:
             skipped += 1
     return items, skipped
@@ -60,7 +64,7 @@ def check_models(task: IngestTask, gallery: Gallery) -> list[str]:
 
 def run_ingest(
     settings: Settings,
-    shards_dir: Path,
+    shards_dir: str | Path,
     modality: Modality = "all",
     engine: Engine = "local",
     face_model: str | None = None,
@@ -69,17 +73,17 @@ def run_ingest(
     allow_undeclared_minors: bool = False,
 ) -> dict[str, Any]:
     """`allow_undeclared_minors` takes shards without a minor column as all adults (an operator's statement,
-    recorded in the audit); without it such shards are quarantined whole (minors fail closed)."""
-    task = IngestTask.from_settings(settings, modality, face_model, image_model, allow_undeclared_minors)
-    if engine == "ray":  # start Ray before LanceDB's runtime exists: no fork of a live async runtime
-        from pipelines.engines.ray import start_ray
+    recorded in the audit); without it such shards are quarantined whole (minors fail closed).
 
-        start_ray(settings.ray_address, settings.ray_num_cpus)
+    `shards_dir` is a local folder or file, or an s3:// URI (read with the AWS_* variables)."""
+    task = IngestTask.from_settings(settings, modality, face_model, image_model, allow_undeclared_minors)
+    runner = open_engine(engine, EngineOptions.from_settings(settings))
+    runner.prepare_runtime()  # before LanceDB's runtime exists: nothing forks a live async runtime
     with writer_session(settings, "ingest") as log:
         gallery = Gallery(settings.storage)
         task = dataclasses.replace(task, erased=erased_ids(gallery))
         shards = find_shards(shards_dir)
-        require_registered(gallery, set().union(*(shard_sources(p) for p in shards)))
+        require_registered(gallery, set().union(*(shard_sources(uri) for uri in shards)))
         notices = check_models(task, gallery)
         for notice in notices:
             print(f"WARNING: {notice}", file=sys.stderr)
@@ -96,7 +100,7 @@ def run_ingest(
             models=models,
             allow_undeclared_minors=allow_undeclared_minors or None,
         ) as op:
-            summary = _ingest(settings, task, gallery, engine, items, len(shards), skipped, notices, progress)
+            summary = _ingest(task, gallery, runner, items, len(shards), skipped, notices, progress)
             op.record(
                 counts={
                     k: summary[k] for k in ("shards_processed", "images", "faces", "image_embeddings", "quarantined")
@@ -107,10 +111,9 @@ def run_ingest(
 
 
 def _ingest(
-    settings: Settings,
     task: IngestTask,
     gallery: Gallery,
-    engine: Engine,
+    runner: EngineRunner,
     items: list[WorkItem],
     shards: int,
     skipped: int,
@@ -120,33 +123,12 @@ def _ingest(
     started = time.perf_counter()
     totals: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    for output in _progress(_outputs(settings, task, items, engine), len(items), progress):
+    for output in _progress(runner.ingest(task, items), len(items), progress):
         commit_shard(gallery, output, task)
         totals.update({k: v for k, v in output.stats.items() if isinstance(v, int)})
         reasons.update(output.stats["quarantined"])
     elapsed = time.perf_counter() - started
-    return _summary(task, engine, shards, len(items), skipped, totals, reasons, elapsed, notices, gallery)
-
-
-def _outputs(settings: Settings, task: IngestTask, items: list[WorkItem], engine: Engine) -> Iterator[ShardOutput]:
-    if engine == "ray":
-        from pipelines.engines.ray import run_ray
-
-        return run_ray(
-            task,
-            items,
-            settings.ray_address,
-            settings.ray_num_cpus,
-            settings.shards_per_model_batch,
-            settings.model_threads,
-        )
-    if engine == "modal":
-        from pipelines.engines.modal import run_modal
-
-        return run_modal(task, items)
-    from pipelines.engines.local import run_local
-
-    return run_local(task, items)
+    return _summary(task, runner.name, shards, len(items), skipped, totals, reasons, elapsed, notices, gallery)
 
 
 def _progress(outputs: Iterator[ShardOutput], total: int, enabled: bool) -> Iterator[ShardOutput]:

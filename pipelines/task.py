@@ -4,13 +4,46 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Protocol
 
 from pipelines.decode import DecodeLimits
 from pipelines.models import check_model_id
-from pipelines.settings import Settings
 
 Modality = Literal["face", "image", "all"]
+
+
+class TaskSettings(Protocol):
+    """What `IngestTask.from_settings` reads (pipelines.settings.Settings has it; the core does not import it)."""
+
+    @property
+    def face_model(self) -> str: ...
+    @property
+    def image_model(self) -> str: ...
+    @property
+    def max_image_bytes(self) -> int: ...
+    @property
+    def max_image_pixels(self) -> int: ...
+    @property
+    def allowed_formats(self) -> tuple[str, ...]: ...
+    @property
+    def face_min_size(self) -> int: ...
+    @property
+    def face_min_prob(self) -> float: ...
+    @property
+    def detect_max_side(self) -> int: ...
+    @property
+    def detect_batch_size(self) -> int: ...
+    @property
+    def face_batch_size(self) -> int: ...
+    @property
+    def image_batch_size(self) -> int: ...
+    @property
+    def resolved_models_dir(self) -> Path: ...
+    @property
+    def model_downloads(self) -> bool: ...
+    @property
+    def device(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -40,7 +73,7 @@ class IngestTask:
     @classmethod
     def from_settings(
         cls,
-        settings: Settings,
+        settings: TaskSettings,
         modality: Modality,
         face_model: str | None,
         image_model: str | None,
@@ -89,7 +122,10 @@ class IngestTask:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One shard and the parts of the task still to do for it."""
+    """One shard and the parts of the task still to do for it.
+
+    `shard_uri` is where the worker reads it itself (an absolute local path or s3://bucket/key): the
+    driver hands out URIs, never bytes. `shard_key` is its content digest, checked against the bytes."""
 
     shard_uri: str
     shard_key: str

@@ -1,0 +1,139 @@
+"""Engines run the units of work (ingest: one shard; match: one fragment range) and own their runtime.
+
+A job opens an engine by name with plain values (`open_engine`), calls `prepare_runtime()` before it opens
+LanceDB, then hands it work: `ingest(task, items)` yields one output per shard, `match(units, probes)`
+returns one partial top-k per unit. What an engine needs to run (Ray's cluster connection, Modal's app) is
+its own business: no job imports Ray or Modal. Importing this package imports neither.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol, get_args
+
+from pipelines.errors import Refused
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from pipelines.embed import ShardOutput
+    from pipelines.match_unit import MatchUnit
+    from pipelines.matcher import TopK
+    from pipelines.settings import Settings
+    from pipelines.task import IngestTask, WorkItem
+
+EngineName = Literal["local", "ray", "modal"]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What the engines take from settings, as plain values (no environment reads inside an engine)."""
+
+    ray_address: str | None = None
+    ray_num_cpus: int | None = None
+    shards_per_batch: int = 1
+    model_threads: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EngineOptions:
+        return cls(
+            ray_address=settings.ray_address,
+            ray_num_cpus=settings.ray_num_cpus,
+            shards_per_batch=settings.shards_per_model_batch,
+            model_threads=settings.model_threads,
+        )
+
+
+class Engine(Protocol):
+    name: str
+
+    def prepare_runtime(self) -> None:
+        """Start or connect what the engine runs on. Call it before LanceDB is opened in this process:
+        a runtime that forks or spawns helpers must not do so once LanceDB's async runtime is live."""
+
+    def ingest(self, task: IngestTask, items: list[WorkItem]) -> Iterator[ShardOutput]: ...
+
+    def match(self, units: list[MatchUnit], probes: np.ndarray) -> list[TopK]: ...
+
+
+class LocalEngine:
+    """In-process: nothing to start."""
+
+    name = "local"
+
+    def __init__(self, options: EngineOptions | None = None):
+        self.options = options or EngineOptions()
+
+    def prepare_runtime(self) -> None:
+        return None
+
+    def ingest(self, task: IngestTask, items: list[WorkItem]) -> Iterator[ShardOutput]:
+        from pipelines.engines.local import run_local
+
+        return run_local(task, items)
+
+    def match(self, units: list[MatchUnit], probes: np.ndarray) -> list[TopK]:
+        from pipelines.engines.local import match_local
+
+        return match_local(units, probes)
+
+
+class RayEngine:
+    """Ray Data / Ray tasks on a local Ray (started here) or the cluster at `ray_address`."""
+
+    name = "ray"
+
+    def __init__(self, options: EngineOptions | None = None):
+        self.options = options or EngineOptions()
+
+    def prepare_runtime(self) -> None:
+        from pipelines.engines.ray import start_ray
+
+        start_ray(self.options.ray_address, self.options.ray_num_cpus)
+
+    def ingest(self, task: IngestTask, items: list[WorkItem]) -> Iterator[ShardOutput]:
+        from pipelines.engines.ray import run_ray
+
+        o = self.options
+        return run_ray(task, items, o.ray_address, o.ray_num_cpus, o.shards_per_batch, o.model_threads)
+
+    def match(self, units: list[MatchUnit], probes: np.ndarray) -> list[TopK]:
+        from pipelines.engines.ray import match_ray
+
+        return match_ray(units, probes, self.options.ray_address, self.options.ray_num_cpus)
+
+
+class ModalEngine:
+    """Modal containers (infra/modal_app.py); the app is run per ingest, so nothing starts beforehand."""
+
+    name = "modal"
+
+    def __init__(self, options: EngineOptions | None = None):
+        self.options = options or EngineOptions()
+
+    def prepare_runtime(self) -> None:
+        return None
+
+    def ingest(self, task: IngestTask, items: list[WorkItem]) -> Iterator[ShardOutput]:
+        from pipelines.engines.modal import run_modal
+
+        return run_modal(task, items)
+
+    def match(self, units: list[MatchUnit], probes: np.ndarray) -> list[TopK]:
+        raise Refused("the modal engine runs ingest only; match with --engine local or --engine ray")
+
+
+ENGINES: dict[str, type[LocalEngine] | type[RayEngine] | type[ModalEngine]] = {
+    "local": LocalEngine,
+    "ray": RayEngine,
+    "modal": ModalEngine,
+}
+
+
+def open_engine(name: str, options: EngineOptions | None = None) -> Engine:
+    """The engine called `name`; its runtime is not started until `prepare_runtime()`."""
+    if name not in ENGINES:
+        raise Refused(f"unknown engine {name!r}: use one of {', '.join(get_args(EngineName))}")
+    engine: Engine = ENGINES[name](options)
+    return engine

@@ -18,16 +18,24 @@ from pipelines.task import IngestTask, WorkItem
 
 
 def start_ray(address: str | None, num_cpus: int | None) -> None:
-    """Connect to a cluster, or start a local Ray when no address is configured."""
+    """Connect to a cluster, or start a local Ray when no address is configured.
+
+    The Ray engine's runtime hook (`RayEngine.prepare_runtime`): jobs never call it themselves. Without an
+    address, a driver that Ray Jobs started (RAY_ADDRESS set) joins its cluster; otherwise a new local Ray
+    is started, never another user's `ray start` head found on the same machine. Local workers inherit this
+    process's environment (the AWS_* variables they read s3:// shards with)."""
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # workers use this venv, not a rebuilt one
     import ray
 
     if ray.is_initialized():
         return
+    quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address=address, **quiet)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(**quiet)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **quiet)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
