@@ -24,7 +24,7 @@ from pipelines.shards import pack_folder
 MB = 1024 * 1024
 
 
-def ingest(settings: Settings, shards: Path, **kwargs: object) -> dict:
+def ingest(settings: Settings, shards: str | Path, **kwargs: object) -> dict:
     options: dict[str, object] = {"face_model": FACE, "image_model": IMAGE, "progress": False} | kwargs
     return run_ingest(settings, shards, **options)  # type: ignore[arg-type]
 
@@ -150,27 +150,44 @@ def test_oversize_rows_are_quarantined_at_ingest(settings: Settings, tmp_path: P
 
 KILL_SCRIPT = """
 import sys
-from pathlib import Path
 from jobs.ingest import run_ingest
 from pipelines.settings import Settings
-settings = Settings(home=Path(sys.argv[1]), model_downloads=False)
-run_ingest(settings, Path(sys.argv[2]), engine="local", face_model="facenet-untrained",
+settings = Settings(home=sys.argv[1], model_downloads=False)  # the audit key dir and AWS_* from the environment
+run_ingest(settings, sys.argv[2], engine="local", face_model="facenet-untrained",
            image_model="clip-untrained", progress=False)
 """
+# Kill points (ledger rows seen before the kill, then a delay) per home: on S3 a smaller corpus, for time.
+KILLS = {"local": ((1, 0.0), (3, 0.7), (5, 1.3)), "s3": ((4, 0.3),)}  # s3: after 2 of 5 shards
+S3_PICK = ("people/astronaut.jpg", "people/camera.png", "scenes/coffee.jpg", "bad/truncated.jpg", "awkward/grey.png")
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("home", ["local", "s3"])
 def test_sigkill_then_rerun_gives_the_rows_of_an_uninterrupted_run(
-    tmp_path: Path, sample_folder: Path, reference: tuple[Settings, dict]
+    home: str, tmp_path: Path, sample_folder: Path, request: pytest.FixtureRequest
 ) -> None:
-    shards = tmp_path / "shards"
-    pack_folder(sample_folder, shards, "archive", rows_per_shard=2, max_bytes=50 * MB, default_minor=False)
+    """Local: local shards into a local home. S3: s3:// shards into an s3:// home (the child gets the URIs,
+    the AWS_* variables and GALLERYMATCH_AUDIT_KEY_DIR); the uninterrupted run reads the same s3:// shards."""
+    if home == "local":
+        shards: str | Path = tmp_path / "shards"
+        pack_folder(sample_folder, shards, "archive", rows_per_shard=2, max_bytes=50 * MB, default_minor=False)
+        killed = make_settings(tmp_path / "killed")
+    else:
+        from s3 import make_bucket
+
+        s3_env = request.getfixturevalue("s3_env")
+        folder = tmp_path / "images"
+        for rel in S3_PICK:
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes((sample_folder / rel).read_bytes())
+        shards = f"s3://{make_bucket(s3_env)}/shards"
+        pack_folder(folder, shards, "archive", rows_per_shard=1, max_bytes=50 * MB, default_minor=False)
+        killed = request.getfixturevalue("s3_settings")
     uninterrupted = make_settings(tmp_path / "clean")
     register(uninterrupted)
     ingest(uninterrupted, shards, engine="local")
-    killed = make_settings(tmp_path / "killed")
     register(killed)
-    for ledgered, delay in ((1, 0.0), (3, 0.7), (5, 1.3)):
+    for ledgered, delay in KILLS[home]:
         _run_and_kill(killed, shards, ledgered, delay)
     partial = len(table_rows(killed, "ledger"))
     assert 0 < partial < len(table_rows(uninterrupted, "ledger"))
@@ -179,9 +196,12 @@ def test_sigkill_then_rerun_gives_the_rows_of_an_uninterrupted_run(
     assert_same_rows(snapshot(killed), snapshot(uninterrupted))
 
 
-def _run_and_kill(settings: Settings, shards: Path, ledgered: int, delay: float) -> None:
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(settings.home), str(shards)], env=env)
+def _run_and_kill(settings: Settings, shards: str | Path, ledgered: int, delay: float) -> None:
+    env = os.environ | {
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+        "GALLERYMATCH_AUDIT_KEY_DIR": str(settings.resolved_audit_key_dir),  # the parent's signing key
+    }
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, settings.home, str(shards)], env=env)
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline and proc.poll() is None:
