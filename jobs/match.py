@@ -13,6 +13,7 @@ from jobs.session import writer_session
 from lance_tables.store import Gallery
 from lance_tables.watchlists import get_watchlist, read_probes
 from pipelines.audit import digest
+from pipelines.engines import EngineOptions, open_engine
 from pipelines.errors import Refused
 from pipelines.match_unit import MatchUnit
 from pipelines.matcher import TopK, ranked
@@ -63,10 +64,8 @@ def run_match(
     refine: int = 10,
 ) -> dict[str, Any]:
     """Audited write-ahead: the search's intent (case, purpose, requester, run id) is recorded before it runs."""
-    if engine == "ray":  # start Ray before LanceDB's runtime exists
-        from pipelines.engines.ray import start_ray
-
-        start_ray(settings.ray_address, settings.ray_num_cpus)
+    runner = open_engine(engine, EngineOptions.from_settings(settings))
+    runner.prepare_runtime()  # before LanceDB's runtime exists: Ray must not fork a live async runtime
     with writer_session(settings, "match") as log:
         gallery = Gallery(settings.storage)
         wl = get_watchlist(gallery, watchlist_id)
@@ -192,13 +191,7 @@ def _approximate(
 
 
 def _partials(settings: Settings, engine: MatchEngine, units: list[MatchUnit], vectors: np.ndarray) -> list[TopK]:
-    if engine == "ray":
-        from pipelines.engines.ray import match_ray
-
-        return match_ray(units, vectors, settings.ray_address, settings.ray_num_cpus)
-    from pipelines.engines.local import match_local
-
-    return match_local(units, vectors)
+    return open_engine(engine, EngineOptions.from_settings(settings)).match(units, vectors)
 
 
 def _metadata(

@@ -28,6 +28,7 @@ from pipelines.schemas import QUARANTINE, SHARD_SCHEMA, image_embeddings_schema,
 from pipelines.settings import Settings
 from pipelines.shards import check_id, find_shards, pack_folder, read_metadata_csv, shard_key
 from pipelines.sql import sql_list, sql_str
+from pipelines.storage import Storage
 from pipelines.task import IngestTask, WorkItem
 
 BAD_IDS = ["CASE-11\n", "Jane Doe", "s-1 ", " s-1", "x" * 65, "o'brien", "", "a/b", "CASE-\u0661", "\x00"]
@@ -235,7 +236,7 @@ def test_sql_str_quotes_and_refuses_control_characters() -> None:
 
 
 def test_quoted_values_match_exactly_one_row_in_lance(tmp_path: Path) -> None:
-    gallery = Gallery(tmp_path / "lance")
+    gallery = Gallery(Storage.at(tmp_path))
     values = ["plain", "a'b", "x' OR '1'='1", "back\\slash", "pct%_", 'dq"', "é"]
     gallery.upsert("ledger", ledger_rows(values))
     for value in values:
@@ -269,7 +270,7 @@ def plant_embedded_rows(gallery: Gallery, model_id: str, n: int = 3) -> None:
 
 def test_a_crafted_model_id_in_a_commit_scope_deletes_nothing(tmp_path: Path) -> None:
     """The attack that worked: the model id pasted into the merge's delete predicate."""
-    gallery = Gallery(tmp_path / "lance")
+    gallery = Gallery(Storage.at(tmp_path))
     plant_embedded_rows(gallery, IMAGE)
     empty = to_arrow([], image_embeddings_schema(512), np.zeros((0, 512), np.float32))
     quoted = f"image_id IN {sql_list(['img-0'])} AND model_id = {sql_str(CRAFTED_MODEL)} AND origin = 'embedded'"
@@ -453,7 +454,7 @@ def test_ingest_end_to_end_stores_only_erasable_ids(settings: Settings, tmp_path
 
 
 def test_a_quarantine_table_from_before_subject_id_gets_the_column(tmp_path: Path) -> None:
-    gallery = Gallery(tmp_path / "lance")
+    gallery = Gallery(Storage.at(tmp_path))
     old_schema = pa.schema([f for f in QUARANTINE if f.name != "subject_id"])
     gallery.ensure("quarantine", old_schema)
     gallery.add_declared_columns("quarantine")  # what erasure can call before selecting by subject

@@ -105,7 +105,7 @@ class RayEngine:
 
 
 class ModalEngine:
-    """Modal containers (infra/modal_app.py); the app is run per ingest, so nothing starts beforehand."""
+    """Modal containers (the app is defined in pipelines/engines/modal.py), run per ingest: nothing to start."""
 
     name = "modal"
 
