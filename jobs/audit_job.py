@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipelines import storage as area
 from pipelines.audit import AuditLog, Head
 from pipelines.errors import Refused
 from pipelines.results import list_runs
 from pipelines.settings import Settings
 from pipelines.signing import Checkpoint
 
-RECEIPTS = "erasure/receipts/"
+RECEIPTS = f"{area.ERASURE}/receipts/"
 
 
 def handed_out(settings: Settings) -> list[tuple[str, Head]]:

@@ -39,6 +39,7 @@ from jobs.erase_steps import (
 from lance_tables.erasure import delete_keys, present, purge, tagged
 from lance_tables.reviews import delete_reviews
 from lance_tables.store import Gallery
+from pipelines import storage as area
 from pipelines.audit import AuditLog, Outcome
 from pipelines.errors import GalleryMatchError, Refused
 from pipelines.faults import crash_point
@@ -49,8 +50,8 @@ from pipelines.settings import Settings
 from pipelines.shards import check_id
 from pipelines.storage import Storage
 
-JOURNAL = "erasure/journal/"
-RECEIPTS = "erasure/receipts/"
+JOURNAL = f"{area.ERASURE}/journal/"
+RECEIPTS = f"{area.ERASURE}/receipts/"
 
 
 @dataclass

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
+from pipelines import storage as area
 from pipelines.audit import AuditLog
 from pipelines.locks import current_lease, writer_lock
 from pipelines.results import find_run, sweep
@@ -57,7 +58,12 @@ def recover_home(settings: Settings, log: AuditLog) -> dict[str, Any]:
     }
 
 
-WRITER_ONLY = ("erasure/", "results/", "manifests/")  # only the lease holder creates objects here
+WRITER_ONLY = (
+    f"{area.ERASURE}/",
+    f"{area.RESULTS}/",
+    f"{area.MANIFESTS}/",
+    f"{area.STAGING}/",
+)  # only the lease holder creates objects here
 
 
 def drop_torn_objects(settings: Settings) -> int:

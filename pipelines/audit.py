@@ -22,15 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines import storage as area
 from pipelines.errors import GalleryMatchError
 from pipelines.objectstore import LocalStore, ObjectStore
 from pipelines.signing import Checkpoint, Signer, home_tag, load_signer, public_key_hex
 
 GENESIS = "0" * 64
-RECORDS = "audit/records/"
-CHECKPOINTS = "audit/checkpoints/"
-LEGACY = "audit/audit.jsonl"  # the one-file log of homes made before records became objects: adopted verbatim
-OPEN = "audit/open/"  # one marker per intent still without an outcome: recovery lists these, not the chain
+RECORDS = f"{area.AUDIT}/records/"
+CHECKPOINTS = f"{area.AUDIT}/checkpoints/"
+LEGACY = f"{area.AUDIT}/audit.jsonl"  # the one-file log of homes made before records became objects: adopted verbatim
+OPEN = f"{area.AUDIT}/open/"  # one marker per intent still without an outcome: recovery lists these, not the chain
 BUCKET = 10_000  # records per folder: the head is found by listing the last folder only
 MAX_RECORD_BYTES = 16_384
 MAX_STR = 256  # longer strings are kept as their length and digest

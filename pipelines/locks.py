@@ -22,14 +22,15 @@ from dataclasses import asdict, dataclass
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
+from pipelines import storage as area
 from pipelines.errors import Refused
 from pipelines.objectstore import ObjectStore
 
 P = ParamSpec("P")
 R = TypeVar("R")
-LEASE = "locks/writer.json"
-RENEWALS = "locks/renewals/"
-BREAKS = "locks/breaks/"
+LEASE = f"{area.LOCKS}/writer.json"
+RENEWALS = f"{area.LOCKS}/renewals/"
+BREAKS = f"{area.LOCKS}/breaks/"
 _held: dict[str, tuple[str, int]] = {}  # store location -> (lease id, depth) held by this process
 _guard = threading.Lock()
 

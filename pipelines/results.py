@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines import storage as area
 from pipelines.faults import crash_point
 from pipelines.objectstore import ObjectStore
 from pipelines.schemas import RESULT_SCHEMA
@@ -26,8 +27,8 @@ from pipelines.storage import Storage
 
 NOTICE = "Candidate list for human review; not an identification."
 PART_ROWS = 500_000
-RESULTS = "results/"
-MANIFESTS = "manifests/"
+RESULTS = f"{area.RESULTS}/"
+MANIFESTS = f"{area.MANIFESTS}/"
 _MANIFEST = re.compile(r"^manifests/watchlist_id=([^/]+)/([^/]+?)(?:\.g(\d{4}))?\.json$")
 _PART = re.compile(r"^results/watchlist_id=([^/]+)/run_id=([^/]+)/part-(?:g(\d{4})-)?\d{5}\.parquet$")
 
