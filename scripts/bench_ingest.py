@@ -1,22 +1,37 @@
-"""Benchmark ingest throughput (images/s): each stage alone, then end to end on the local and Ray engines."""
+"""Benchmark ingest throughput (images/s): each stage alone, then end to end on the local and Ray engines; then
+the same small corpus ingested into a local home and into an S3 home (moto's server on loopback, started here),
+with every S3 request counted.
+
+The S3 helpers here (a loopback moto server whose requests are tallied) are shared with scripts/bench_match.py.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import hashlib
+import importlib
+import json
+import logging
 import os
 import platform
 import re
 import shlex
+import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote
 
 os.environ["RAY_ENABLE_UV_RUN_RUNTIME_ENV"] = "0"  # before anything imports ray: workers use this venv
 
@@ -39,6 +54,7 @@ IMAGE = "clip-untrained"
 SOURCE = "bench"
 SECTION = "## Ingest (scripts/bench_ingest.py)"
 DEFAULT_IMAGES = 1536
+DEFAULT_S3_IMAGES = 256  # the local-home / S3-home comparison: ingest is model-bound, a small corpus shows the I/O
 TARGET = 0.7
 ENGINES: tuple[Engine, ...] = ("local", "ray")
 INTRO = (
@@ -75,6 +91,8 @@ class Results:
     startup: dict[str, float] = field(default_factory=dict)  # per engine: job start to the first commit
     load: list[float] = field(default_factory=list)  # 1-minute load average at the start and at the end
     device: str = "auto"  # the device setting the stages ran with
+    s3_runs: list[HomeRun] = field(default_factory=list)  # the local-home / S3-home comparison, in run order
+    s3_skipped: str = ""  # why the s3:// shards row is missing, if it is
 
 
 @dataclass
@@ -93,9 +111,13 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
     return value, time.perf_counter() - start
 
 
-def make_settings(home: Path) -> Settings:
+def make_settings(home: Path | str) -> Settings:
     """Like the tests: downloads off, Ray limited to the usable cores; the rest from GALLERYMATCH_* or defaults."""
-    values: dict[str, object] = {"home": home, "model_downloads": False, "ray_num_cpus": len(os.sched_getaffinity(0))}
+    values: dict[str, object] = {
+        "home": str(home),
+        "model_downloads": False,
+        "ray_num_cpus": len(os.sched_getaffinity(0)),
+    }
     return Settings(**values)  # type: ignore[arg-type]
 
 
@@ -297,6 +319,469 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
+# ---- S3 on loopback: moto's server in this process, every request it serves tallied ------------------------
+
+S3_ACCESS, S3_SECRET, S3_REGION = "gallerymatch-bench", "gallerymatch-bench-secret", "us-east-1"
+KINDS = ("LIST", "GET range", "GET", "HEAD", "PUT", "DELETE", "other")  # request kinds, the tables' columns
+LIST_OPS = {"ListObjectsV2", "ListObjects", "ListObjectVersions", "ListMultipartUploads"}
+PUT_OPS = {"PutObject", "PutObject (If-None-Match)", "CopyObject", "UploadPart", "CreateMultipartUpload"}
+PUT_OPS |= {"CompleteMultipartUpload"}
+DELETE_OPS = {"DeleteObject", "DeleteObjects", "AbortMultipartUpload"}
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class S3Request:
+    """One request moto served: when (wall clock, comparable with a child process's), what, how much, how long."""
+
+    start: float
+    seconds: float  # in the server: from the request reaching moto to its answer built (the socket write aside)
+    op: str  # the S3 operation
+    key: str  # the object's key in its bucket (for a listing: the prefix listed)
+    sent: int  # bytes of the answer's body
+    received: int  # bytes of the request's body
+    whole: int  # a ranged GET: the size of the whole object (moto reads all of it to cut the range); else `sent`
+    status: int
+
+    @property
+    def kind(self) -> str:
+        return request_kind(self.op)
+
+
+def request_kind(op: str) -> str:
+    if op in LIST_OPS:
+        return "LIST"
+    if op in ("GetObject", "GetObject (range)", "HeadObject"):
+        return {"GetObject": "GET", "GetObject (range)": "GET range", "HeadObject": "HEAD"}[op]
+    if op in PUT_OPS:
+        return "PUT"
+    return "DELETE" if op in DELETE_OPS else "other"
+
+
+def s3_operation(method: str, path: str, query: str, headers: Mapping[str, str]) -> tuple[str, str]:
+    """(operation, key) of a path-style S3 request (`/bucket/key?query`); `headers` as WSGI names (HTTP_RANGE).
+    For a listing the key is the prefix listed."""
+    _, _, key = unquote(path).lstrip("/").partition("/")
+    params = parse_qs(query, keep_blank_values=True)
+    if not key:
+        bucket_ops = {
+            ("GET", "versions"): "ListObjectVersions",
+            ("GET", "uploads"): "ListMultipartUploads",
+            ("GET", "versioning"): "GetBucketVersioning",
+            ("PUT", "versioning"): "PutBucketVersioning",
+            ("POST", "delete"): "DeleteObjects",
+        }
+        op = next((name for (m, p), name in bucket_ops.items() if m == method and p in params), "")
+        if not op and method == "GET":
+            op = "ListObjectsV2" if params.get("list-type") == ["2"] else "ListObjects"
+        op = op or {"PUT": "CreateBucket", "HEAD": "HeadBucket", "DELETE": "DeleteBucket"}.get(method, "")
+        return op or f"{method} bucket ({', '.join(sorted(params)) or 'no query'})", params.get("prefix", [""])[0]
+    if method in ("GET", "HEAD"):
+        op = "HeadObject" if method == "HEAD" else "GetObject (range)" if headers.get("HTTP_RANGE") else "GetObject"
+    elif method == "PUT":
+        if "partNumber" in params:
+            op = "UploadPart"
+        elif headers.get("HTTP_X_AMZ_COPY_SOURCE"):
+            op = "CopyObject"
+        else:
+            op = "PutObject (If-None-Match)" if headers.get("HTTP_IF_NONE_MATCH") else "PutObject"
+    elif method == "POST":
+        op = "CreateMultipartUpload" if "uploads" in params else ""
+        op = op or ("CompleteMultipartUpload" if "uploadId" in params else "")
+    elif method == "DELETE":
+        op = "AbortMultipartUpload" if "uploadId" in params else "DeleteObject"
+    else:
+        op = ""
+    return op or f"{method} object ({', '.join(sorted(params)) or 'no query'})", key
+
+
+class S3Tally:
+    """WSGI middleware around moto's application: records every request it answers."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]):
+        self.app = app
+        self.requests: list[S3Request] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        """The answer is read whole before it is sent (moto builds it whole anyway), so the request is on
+        record before the client has its answer: a count taken when a client is done misses nothing."""
+        start, began = time.time(), time.perf_counter()
+        answer: dict[str, Any] = {"status": 0, "range": ""}
+
+        def recording(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            answer["status"] = int(status.split(maxsplit=1)[0])
+            answer["range"] = next((v for k, v in headers if k.lower() == "content-range"), "")
+            return start_response(status, headers, exc_info)
+
+        body = self.app(environ, recording)
+        try:
+            chunks = [bytes(chunk) for chunk in body]
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+        sent = sum(map(len, chunks))
+        method, path, query = environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")
+        op, key = s3_operation(method, path, query, environ)
+        total = answer["range"].rpartition("/")[2]
+        whole = int(total) if total.isdigit() else sent
+        received = int(environ.get("CONTENT_LENGTH") or 0)
+        request = S3Request(start, time.perf_counter() - began, op, key, sent, received, whole, answer["status"])
+        with self._lock:
+            self.requests.append(request)
+        return chunks
+
+    def mark(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    def since(self, mark: int) -> list[S3Request]:
+        with self._lock:
+            return list(self.requests[mark:])
+
+
+@dataclass
+class LoopbackS3:
+    """moto's S3 server on 127.0.0.1 (a port the OS picks), in a thread of this process."""
+
+    server: Any
+    tally: S3Tally
+    endpoint: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables for this server (what `pipelines.storage` reads; children inherit them)."""
+        return {
+            "AWS_ACCESS_KEY_ID": S3_ACCESS,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+            "AWS_REGION": S3_REGION,
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.session.Session(
+            aws_access_key_id=S3_ACCESS, aws_secret_access_key=S3_SECRET, region_name=S3_REGION
+        ).client("s3", endpoint_url=self.endpoint)
+
+    def bucket(self) -> str:
+        """A fresh bucket (its name unique to this run: an S3 home's audit witness is kept outside it)."""
+        name = f"gm-bench-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def stored_bytes(self, bucket: str, prefix: str) -> int:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return sum(int(item["Size"]) for page in pages for item in page.get("Contents", []))
+
+    def drop(self, bucket: str) -> None:
+        """Delete a bucket and everything in it (moto holds it in this process)."""
+        client = self.client()
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+        client.delete_bucket(Bucket=bucket)
+
+    def upload(self, folder: Path, bucket: str, prefix: str) -> str:
+        """Copy a local folder's files under s3://bucket/prefix/ (same relative names); the URI of the copy."""
+        client = self.client()
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+        return f"s3://{bucket}/{prefix}"
+
+
+@contextmanager
+def loopback_s3() -> Iterator[LoopbackS3]:
+    """Start moto's server with a tally; the AWS_* variables point at it until the block ends."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    tally = S3Tally(DomainDispatcherApplication(create_backend_app))
+    server = make_server("127.0.0.1", 0, tally, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, name="moto-s3", daemon=True)
+    thread.start()
+    s3 = LoopbackS3(server, tally, f"http://127.0.0.1:{server.server_address[1]}")
+    saved = {name: os.environ.get(name) for name in (*s3.env, "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN")}
+    os.environ.update(s3.env)
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        os.environ.pop(name, None)
+    try:
+        yield s3
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+@dataclass
+class Traffic:
+    """Requests of one group, by kind, with their bytes and the server's time."""
+
+    kinds: dict[str, int] = field(default_factory=dict)
+    sent: int = 0
+    received: int = 0
+    whole: int = 0
+    busy: float = 0.0
+
+    @property
+    def requests(self) -> int:
+        return sum(self.kinds.values())
+
+    def add(self, request: S3Request) -> None:
+        self.kinds[request.kind] = self.kinds.get(request.kind, 0) + 1
+        self.sent += request.sent
+        self.received += request.received
+        self.whole += request.whole if request.op == "GetObject (range)" else 0
+        self.busy += request.seconds
+
+
+def traffic_by(requests: Iterable[S3Request], group: Callable[[S3Request], str]) -> dict[str, Traffic]:
+    out: dict[str, Traffic] = {}
+    for request in requests:
+        out.setdefault(group(request), Traffic()).add(request)
+    return out
+
+
+def total_traffic(requests: Iterable[S3Request]) -> Traffic:
+    return traffic_by(requests, lambda _: "all").get("all", Traffic())
+
+
+def max_in_flight(requests: Iterable[S3Request]) -> int:
+    """The most requests moto was serving at once."""
+    events = sorted(
+        [(r.start, 1) for r in requests] + [(r.start + r.seconds, -1) for r in requests], key=lambda e: (e[0], e[1])
+    )
+    most = now = 0
+    for _, change in events:
+        now += change
+        most = max(most, now)
+    return most
+
+
+def area_of(request: S3Request) -> str:
+    """Which part of a bucket a request touched: the shards, one Lance table, or an area of the home."""
+    parts = [p for p in request.key.split("/") if p]
+    if not parts:
+        return "(bucket)"
+    if parts[0] == "shards":
+        return "shards (Parquet)"
+    if len(parts) >= 3 and parts[1] == "lance":
+        return f"lance/{parts[2]}"
+    if parts[1:] == ["lance"]:
+        return "lance/ (the table names)"
+    return parts[1] if len(parts) >= 2 else parts[0]
+
+
+TRAFFIC_HEADER = [
+    "Requests",
+    *KINDS,
+    "MB sent",
+    "MB received",
+    "MB moto read to cut ranges",
+    "moto busy s (sum)",
+]
+
+
+def traffic_cells(t: Traffic) -> list[str]:
+    return [
+        str(t.requests),
+        *(str(t.kinds.get(k, 0)) for k in KINDS),
+        f"{t.sent / MB:,.2f}",
+        f"{t.received / MB:,.2f}",
+        f"{t.whole / MB:,.1f}",
+        f"{t.busy:.2f}",
+    ]
+
+
+def write_s3_log(path: Path, runs: Iterable[tuple[str, list[S3Request]]]) -> None:
+    """Every counted request, one JSON object a line, labelled with its run: the tables' raw material."""
+    with path.open("w") as out:
+        for label, requests in runs:
+            for request in requests:
+                out.write(json.dumps({"run": label, **dataclasses.asdict(request)}) + "\n")
+
+
+def wrap_functions(
+    targets: Iterable[tuple[str, str, str]],
+    spent: dict[str, float],
+    calls: dict[str, int],
+    spans: list[tuple[str, float, float]] | None = None,
+) -> None:
+    """Time every call of each (module, attribute, label) target, by replacing it where it is looked up;
+    `spans` (when given) gets each call's wall-clock start and end, to match against a server's log."""
+    for module_name, attribute, label in targets:
+        owner: Any = importlib.import_module(module_name)
+        holder_name, _, name = attribute.rpartition(".")
+        holder = getattr(owner, holder_name) if holder_name else owner
+        original = getattr(holder, name, None)
+        if original is not None:
+            setattr(holder, name, _timer(original, label, spent, calls, spans))
+
+
+def _timer(
+    fn: Callable[..., Any],
+    label: str,
+    spent: dict[str, float],
+    calls: dict[str, int],
+    spans: list[tuple[str, float, float]] | None,
+) -> Callable[..., Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        start = time.time()
+        value, seconds = timed(lambda: fn(*args, **kwargs))
+        spent[label] = spent.get(label, 0.0) + seconds
+        calls[label] = calls.get(label, 0) + 1
+        if spans is not None:
+            spans.append((label, start, start + seconds))
+        return value
+
+    return wrapped
+
+
+def run_child(argv: list[str]) -> dict[str, Any]:
+    """Run this machine's Python on `argv` (a script and its child options) and return the JSON of its last line.
+
+    The child is forked by a shell, not exec'd from here: Linux carries the RSS high-water mark of the process
+    that calls exec into ru_maxrss, so a direct child would report this (large) process's peak."""
+    command = ["/bin/sh", "-c", '"$@"; exit $?', "sh", sys.executable, *argv]
+    done = subprocess.run(command, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the child {argv[:2]} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+# ---- local home against S3 home, in child processes (moto serves from this one) ----------------------------
+
+INGEST_PHASES = (  # (module, attribute, label): timed in the ingest child
+    ("jobs.ingest", "find_shards", "find shards"),
+    ("jobs.ingest", "shard_sources", "shard sources"),
+    ("jobs.ingest", "plan", "plan (shard keys, ledger)"),
+    ("jobs.ingest", "done_keys", "ledger read"),
+    ("pipelines.prepare", "read_shard_rows", "shard reads"),
+    ("jobs.ingest", "commit_shard", "commits"),
+)
+
+
+@dataclass
+class HomeRun:
+    """One `run_ingest` (local engine) in a child process: which home, which shards, what it took."""
+
+    label: str
+    seconds: float
+    imports: float
+    images: int
+    shards: int
+    phases: dict[str, float]
+    calls: dict[str, int]
+    startup: float  # job start to the first committed shard
+    steady_images: int  # images after the first shard
+    steady_seconds: float  # first commit to the last
+    commit_spans: list[list[float]] = field(default_factory=list)  # wall-clock [start, end] of each commit_shard
+    requests: list[S3Request] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_rate(self) -> float:
+        return self.steady_images / self.steady_seconds if self.steady_seconds > 0 else 0.0
+
+
+def import_ingest_libraries() -> None:
+    """What `run_ingest` imports lazily: before the clock, in both children alike."""
+    import boto3  # noqa: F401
+    import lance  # noqa: F401
+    import lancedb  # noqa: F401
+    import open_clip  # noqa: F401
+    import torch  # noqa: F401
+
+    for module in ("pipelines.engines.local", "pipelines.faces", "pipelines.embed"):
+        importlib.import_module(module)
+
+
+def ingest_child(home: str, shards: str) -> int:
+    """`run_ingest` once on the local engine, libraries imported before the clock; one JSON line on stdout."""
+    _, imports = timed(import_ingest_libraries)
+    settings = make_settings(home)
+    spent: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    spans: list[tuple[str, float, float]] = []
+    wrap_functions(INGEST_PHASES, spent, calls, spans)
+    commits: list[tuple[float, int]] = []
+    timed_commit = ingest_job.commit_shard
+
+    def commit(gallery: Any, output: ShardOutput, task: IngestTask) -> Any:
+        value = timed_commit(gallery, output, task)
+        commits.append((time.perf_counter(), int(output.stats["distinct_images"])))
+        return value
+
+    ingest_job.commit_shard = commit
+    start = time.perf_counter()
+    summary, seconds = timed(lambda: run_ingest(settings, shards, "all", "local", FACE, IMAGE, False))
+    out = {"seconds": seconds, "imports": imports, "images": summary["images"], "shards": summary["shards"]}
+    out |= {
+        "startup": commits[0][0] - start if commits else seconds,
+        "steady_images": sum(n for _, n in commits[1:]),
+        "steady_seconds": commits[-1][0] - commits[0][0] if commits else 0.0,
+        "commit_spans": [[start, end] for label, start, end in spans if label == "commits"],
+    }
+    print(json.dumps(out | {"phases": spent, "calls": calls}))
+    return 0
+
+
+def run_home(label: str, home: str, shards: str, expected: int, s3: LoopbackS3) -> HomeRun:
+    mark = s3.tally.mark()
+    out = run_child([str(Path(__file__).resolve()), "--child-ingest", home, shards])
+    if out["images"] != expected:
+        raise RuntimeError(f"{label}: ingested {out['images']} images, expected {expected}")
+    return HomeRun(label, requests=s3.tally.since(mark), **out)
+
+
+def s3_shards_supported(uri: str) -> str:
+    """'' when this checkout's ingest lists s3:// shards; else why not (the row is left out, with the reason)."""
+    lister: Callable[[Any], list[Any]] = find_shards  # took a Path only before s3:// shards landed
+    try:
+        found = lister(uri)
+    except Exception as exc:  # noqa: BLE001 - any failure means: not supported here
+        return f"`find_shards` does not take an s3:// URI in this checkout ({type(exc).__name__}: {exc})"
+    return "" if found else f"`find_shards({uri!r})` found no shards"
+
+
+def measure_s3_homes(args: argparse.Namespace, tmp: Path, task: IngestTask, res: Results) -> Corpus:
+    """The same small corpus ingested (local engine) into a local home from local shards, into an S3 home from
+    the same local shards, and into an S3 home from a copy of the shards on S3: back to back, same run."""
+    corpus = build_corpus(tmp / "s3-corpus", args.s3_images, args.rows_per_shard, task)
+    with loopback_s3() as s3:
+        bucket = s3.bucket()
+        local_home = tmp / "home-s3-compare-local"
+        register(make_settings(local_home))
+        res.s3_runs.append(
+            run_home("local home, local shards", str(local_home), str(corpus.shards_dir), corpus.images, s3)
+        )
+        shutil.rmtree(local_home, ignore_errors=True)
+        home = f"s3://{bucket}/home-local-shards"
+        register(make_settings(home))
+        res.s3_runs.append(run_home("S3 home, local shards", home, str(corpus.shards_dir), corpus.images, s3))
+        (uri, seconds) = timed(lambda: s3.upload(corpus.shards_dir, bucket, "shards"))
+        res.once["copy the comparison's shards to S3 (boto3 put_object)"] = seconds
+        res.s3_skipped = s3_shards_supported(uri)
+        if not res.s3_skipped:
+            home = f"s3://{bucket}/home-s3-shards"
+            register(make_settings(home))
+            res.s3_runs.append(run_home("S3 home, s3:// shards", home, uri, corpus.images, s3))
+    return corpus
+
+
 # ---- report -------------------------------------------------------------------------------------------------
 
 
@@ -386,6 +871,17 @@ def ratios(res: Results) -> list[list[str]]:
     return table
 
 
+def load_warning(load: list[float]) -> str:
+    """A warning for a run on a machine that others kept busy (load average above its usable cores)."""
+    cores = len(os.sched_getaffinity(0))
+    if not load or max(load) <= cores:
+        return ""
+    return (
+        f"; **the machine was loaded** (load average above its {cores} usable cores: other work ran beside "
+        "this benchmark), so absolute figures are slow and noisy: rely on the ratios measured in this run"
+    )
+
+
 def markdown_table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
     """A GitHub table; `align` has one letter per column, "l" (left) or "r" (right)."""
     rule = ["---:" if a == "r" else "---" for a in align]
@@ -438,9 +934,122 @@ def ratio_lines(res: Results) -> list[str]:
     return markdown_table(header, ratios(res), "lrrrrrrrrrr")
 
 
-def render(res: Results, corpus: Corpus, args: argparse.Namespace, command: str) -> str:
+def s3_compare_lines(res: Results, corpus: Corpus) -> list[str]:
+    """The comparison's tables: wall time and ratio, seconds inside the job's steps, requests by area."""
+    if not res.s3_runs:
+        return []
+    base = res.s3_runs[0]
+    lines = [
+        f"Local home against an S3 home (moto's server on loopback, in the benchmark's process), the same "
+        f"{corpus.images} images in {len(corpus.items)} shards, `run_ingest` on the local engine in a child "
+        "process each, back to back:",
+        "",
+    ]
+    cells = []
+    for run in res.s3_runs:
+        t = total_traffic(run.requests)
+        ratio = run.seconds / base.seconds if base.seconds else 0.0
+        steady = base.steady_rate / run.steady_rate if run.steady_rate else 0.0
+        cells.append(
+            [
+                *(run.label, str(run.images), str(run.shards), f"{run.seconds:.2f}", f"{run.rate:.2f}", f"{ratio:.2f}"),
+                *(f"{run.startup:.1f}", f"{run.steady_rate:.2f}", f"{steady:.2f}"),
+                *(str(t.requests), f"{t.sent / MB:,.2f}", f"{t.received / MB:,.2f}", f"{t.busy:.2f}"),
+            ]
+        )
+    header = ["Run", "Images", "Shards", "Wall s", "Images/s", f"Wall / {base.label}", "Start-up s"]
+    header += ["Steady state img/s", "Steady time per image / local home's", "S3 requests"]
+    header += ["MB sent by S3", "MB sent to S3", "moto busy s (sum)"]
+    lines += [*markdown_table(header, cells, "l" + "r" * (len(header) - 1)), ""]
+    labels = [label for _, _, label in INGEST_PHASES]
+    cells = [
+        [run.label, f"{run.imports:.2f}", *(f"{run.phases.get(x, 0.0):.2f}" for x in labels), f"{run.seconds:.2f}"]
+        for run in res.s3_runs
+    ]
+    lines += ["Seconds inside the job's steps (timed in the child by wrapping the functions):", ""]
+    header = ["Run", "imports (not in total)", *labels, "total s"]
+    lines += [*markdown_table(header, cells, "l" + "r" * (len(header) - 1)), ""]
+    rows = []
+    for run in res.s3_runs[1:]:
+        for area, t in sorted(traffic_by(run.requests, area_of).items()):
+            rows.append([run.label, area, *traffic_cells(t)])
+    if rows:
+        lines += ["S3 requests by what they touched (counted in the server):", ""]
+        lines += [*markdown_table(["Run", "Area", *TRAFFIC_HEADER], rows, "ll" + "r" * 12), ""]
+    return lines
+
+
+def data_reads_per_commit(run: HomeRun) -> list[int]:
+    """GETs of LanceDB data files made during each `commit_shard`, in commit order."""
+    reads = [r.start for r in run.requests if "/lance/" in r.key and "/data/" in r.key and r.kind.startswith("GET")]
+    return [sum(1 for t in reads if start <= t <= end) for start, end in run.commit_spans]
+
+
+def s3_notes(res: Results) -> list[str]:
+    """What the request log shows per shard and per image: the check for a request per row or per file."""
+    if len(res.s3_runs) < 2:
+        return []
+    notes = []
+    for run in res.s3_runs[1:]:
+        by_area = traffic_by(run.requests, area_of)
+        lance = Traffic()
+        for area, t in by_area.items():
+            if area.startswith("lance/"):
+                lance.kinds = {k: lance.kinds.get(k, 0) + t.kinds.get(k, 0) for k in KINDS}
+        commits = max(1, run.calls.get("commits", 0))
+        lists = sum(t.kinds.get("LIST", 0) for t in by_area.values())
+        per_commit = run.phases.get("commits", 0.0) / commits
+        base = res.s3_runs[0].phases.get("commits", 0.0) / max(1, res.s3_runs[0].calls.get("commits", 0))
+        text = (
+            f"{run.label}: `commit_shard` {per_commit:.2f} s per shard against {base:.2f} s on the local home; "
+            f"{len(run.requests)} requests for {run.images} images in {run.shards} shards "
+            f"({len(run.requests) / max(1, run.shards):.1f} per shard, {len(run.requests) / max(1, run.images):.2f} "
+            f"per image), {lists} of them LIST; LanceDB {lance.requests / commits:.1f} per committed shard ("
+            + ", ".join(f"{k} {v / commits:.1f}" for k, v in lance.kinds.items() if v)
+            + ")"
+        )
+        growth = data_reads_per_commit(run)
+        if len(growth) >= 2:
+            text += (
+                f"; LanceDB data-file GETs per commit {' '.join(map(str, growth))} (commit 1 to {len(growth)}, all "
+                "tables)"
+            )
+        shards = by_area.get("shards (Parquet)")
+        if shards is not None:
+            text += (
+                f"; the shards {shards.requests} ("
+                + ", ".join(f"{k} {v}" for k, v in shards.kinds.items() if v)
+                + f"), {shards.sent / MB:.2f} MB read"
+            )
+        notes.append(text + ".")
+    if res.s3_skipped:
+        notes.append(f"No s3:// shards row: {res.s3_skipped}.")
+    grows = any(len(g) >= 3 and g[-1] > g[1] for g in map(data_reads_per_commit, res.s3_runs[1:]))
+    return [
+        "- The S3 comparison: " + " ".join(notes) + " Nothing is requested per row or per image: the shards are "
+        "listed once and each is read whole, and the LanceDB requests come per committed shard, five upserts each. "
+        + (
+            "But the data-file GETs per commit grow with the tables: every `Gallery.upsert` is a `merge_insert` on "
+            "the table's key, and it reads every data file of the table (the key has no scalar index), so commit k "
+            "reads the k-1 files the job wrote before it in each table: a job makes O(shards^2) such GETs, and a "
+            "commit into a gallery of F fragments reads F files per table. "
+            if grows
+            else ""
+        )
+        + "Most requests are LISTs of a table's `_versions/`: the tables are opened with "
+        "`read_consistency_interval=0`, so every table operation first lists the versions (about 10 LISTs per "
+        "`Gallery.upsert` whatever the rows), and every `Gallery.open` lists the table names too. moto is a Python "
+        "server (every request is parsed, signed and answered in Python, and a ranged GET reads the whole object to "
+        "cut the range), so the S3 rows measure the request pattern against a slow server, not what a real S3 would "
+        "take: there is no target ratio. Read the request counts for the pattern and the ratio as an upper bound.",
+    ]
+
+
+def render(
+    res: Results, corpus: Corpus, args: argparse.Namespace, command: str, s3_corpus: Corpus | None = None
+) -> str:
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [SECTION, ""]
+    lines = [args.heading, ""]
     if args.images < DEFAULT_IMAGES:
         lines += [
             f"**Smoke run** ({args.images} images, below the default {DEFAULT_IMAGES}): it only shows the "
@@ -451,7 +1060,7 @@ def render(res: Results, corpus: Corpus, args: argparse.Namespace, command: str)
     lines += [f"- {item}" for item in machine(res.device)]
     lines += [
         f"- 1-minute load average at start / end: {' / '.join(f'{v:.2f}' for v in res.load)} "
-        "(anything else running on the machine slows every row)"
+        f"(anything else running on the machine slows every row){load_warning(res.load)}"
     ]
     lines += [
         f"- Data: {corpus.images} distinct JPEGs made from `pipelines.samples` ({corpus.with_faces} with faces: "
@@ -463,7 +1072,9 @@ def render(res: Results, corpus: Corpus, args: argparse.Namespace, command: str)
         "",
     ]
     lines += [*throughput_lines(res), "", *once_lines(res), "", *ratio_lines(res), ""]
-    lines += notes(res)
+    if s3_corpus is not None:
+        lines += s3_compare_lines(res, s3_corpus)
+    lines += [*notes(res)[:-1], *s3_notes(res), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -528,11 +1139,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--engines", default="local,ray", help="end-to-end engines, comma separated (local,ray)")
     parser.add_argument("--no-write", action="store_true", help="print the table only; leave the docs alone")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="docs file (%(default)s)")
+    parser.add_argument("--heading", default=SECTION, help="the docs section (its heading) to replace or append")
+    parser.add_argument(
+        "--s3-images",
+        type=int,
+        default=DEFAULT_S3_IMAGES,
+        help="images of the local-home / S3-home comparison (moto on loopback); 0 leaves it out (%(default)s)",
+    )
+    parser.add_argument("--s3-log", type=Path, default=None, help="write every counted S3 request here (JSON lines)")
+    parser.add_argument("--child-ingest", nargs=2, metavar=("HOME", "SHARDS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.engine_list = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = sorted(set(args.engine_list) - set(ENGINES))
-    if unknown or args.images < 1 or args.rows_per_shard < 1:
-        parser.error(f"need --images >= 1, --rows-per-shard >= 1 and engines from {', '.join(ENGINES)}")
+    if unknown or args.images < 1 or args.rows_per_shard < 1 or args.s3_images < 0:
+        parser.error(
+            f"need --images >= 1, --rows-per-shard >= 1, --s3-images >= 0 and engines from {', '.join(ENGINES)}"
+        )
+    if not args.heading.startswith("## "):
+        parser.error("--heading must be a second-level markdown heading ('## ...')")
     return args
 
 
@@ -542,7 +1166,7 @@ def command_line(argv: list[str]) -> str:
     return shlex.join([shown, "scripts/bench_ingest.py", *argv])
 
 
-def run(args: argparse.Namespace, tmp: Path) -> tuple[Results, Corpus]:
+def run(args: argparse.Namespace, tmp: Path) -> tuple[Results, Corpus, Corpus | None]:
     res, settings = Results(load=[os.getloadavg()[0]]), make_settings(tmp / "home-stages")
     res.device = settings.device
     task = IngestTask.from_settings(settings, "all", FACE, IMAGE)
@@ -552,23 +1176,28 @@ def run(args: argparse.Namespace, tmp: Path) -> tuple[Results, Corpus]:
     measure_embed(task, prepared, res)
     for engine in (e for e in ENGINES if e in args.engine_list):
         measure_engine(engine, tmp, corpus, res)
+    s3_corpus = measure_s3_homes(args, tmp, task, res) if args.s3_images else None
     res.load.append(os.getloadavg()[0])
-    return res, corpus
+    return res, corpus, s3_corpus
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     warnings.filterwarnings("ignore", "lancedb fork support is experimental", RuntimeWarning)
+    if args.child_ingest:
+        return ingest_child(*args.child_ingest)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-ingest-") as name:
-            res, corpus = run(args, Path(name))
+            res, corpus, s3_corpus = run(args, Path(name))
     finally:
         stop_ray()
-    section = render(res, corpus, args, command_line(argv))
+    section = render(res, corpus, args, command_line(argv), s3_corpus)
+    if args.s3_log is not None:
+        write_s3_log(args.s3_log, [(run.label, run.requests) for run in res.s3_runs])
     print(section)
     if not args.no_write:
-        write_section(args.out, section)
+        write_section(args.out, section, args.heading)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

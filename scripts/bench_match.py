@@ -2,6 +2,9 @@
 
 The filter kernel of `run_match` is the one `choose_filter_kernel` picks on this CPU (`--kernels auto`); other
 kernels can be forced for comparison (`--kernels auto,int8`). FAISS is optional: without it numpy is the reference.
+
+At the `--s3-sizes` (default N=100k) the same gallery is also written to an S3 home (moto's server on loopback,
+started by this script, every request counted) and `run_match` timed there beside the local home, same run.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import os
 import resource
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,7 +32,26 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from bench_ingest import machine, markdown_table, timed, write_section
+from bench_ingest import (
+    KINDS,
+    TRAFFIC_HEADER,
+    LoopbackS3,
+    S3Request,
+    Traffic,
+    load_warning,
+    loopback_s3,
+    machine,
+    markdown_table,
+    max_in_flight,
+    run_child,
+    timed,
+    total_traffic,
+    traffic_by,
+    traffic_cells,
+    wrap_functions,
+    write_s3_log,
+    write_section,
+)
 
 from jobs.watchlist import Submission, submit
 from lance_tables.sources import add_source
@@ -63,6 +85,7 @@ IVF_ITERATIONS, IVF_SAMPLE_RATE = 10, 64  # LanceDB defaults (50, 256) take ~5 m
 FAISS_TARGET, FLAT_TARGET, MEMORY_TARGET = 0.8, 10.0, 1.5e9
 TARGET_N, TARGET_Q = 1_000_000, 1000
 DEFAULT_SIZES, DEFAULT_QUERIES = "100000,1000000", "100,1000"
+DEFAULT_S3_SIZES, DEFAULT_S3_ENGINES = "100000", "local,ray"  # a Ray failure (start-up) is reported, not fatal
 MB = 1e6
 
 
@@ -98,6 +121,9 @@ class Ours:
     path: str
     run_id: str
     kernels: list[str]  # the filter kernels the units ran
+    engine: str = "local"
+    ray_start: float = 0.0  # Ray engine: `start_ray` before the clock (not in `seconds`)
+    spans: list[list[Any]] = field(default_factory=list)  # [label, wall-clock start, end] of the top-level steps
 
     @property
     def growth(self) -> int:
@@ -114,6 +140,22 @@ class Results:
     load: list[float] = field(default_factory=list)
     anatomy: dict[int, dict[str, float]] = field(default_factory=dict)  # per Q: seconds per step of one block
     timing: FilterTiming | None = None  # the kernel probe, timed for the report even where the choice skips it
+    s3: list[S3Pair] = field(default_factory=list)  # local home against S3 home
+    s3_failed: list[str] = field(default_factory=list)  # S3 comparisons on an engine other than local that failed
+
+
+@dataclass
+class S3Pair:
+    """`run_match` on the local home and on the S3 home holding the same gallery, with the S3 requests it made."""
+
+    n: int
+    q: int
+    engine: str
+    local: Ours
+    s3: Ours
+    requests: list[S3Request]
+    table_bytes: int  # the `faces` table's data files on S3
+    same_ids: float  # fraction of probes whose top-K ids are the same on both homes
 
 
 @dataclass
@@ -127,6 +169,9 @@ class Case:
     exact: dict[int, np.ndarray] = field(default_factory=dict)  # FAISS ids per Q, the reference
     probes: dict[int, np.ndarray] = field(default_factory=dict)
     sources: dict[int, np.ndarray] = field(default_factory=dict)  # near-duplicate probes' gallery rows, else -1
+    s3_settings: Settings | None = None  # the same gallery on an S3 home, at the --s3-sizes
+    s3: LoopbackS3 | None = None
+    s3_bucket: str = ""
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -188,7 +233,7 @@ def faces_chunk(vectors: np.ndarray, start: int, now: dt.datetime) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=FACES)
 
 
-def build_home(home: Path, gallery: np.ndarray) -> Settings:
+def build_home(home: Path | str, gallery: np.ndarray) -> Settings:
     """A fresh GALLERYMATCH home whose `faces` table holds the gallery, appended CHUNK rows at a time."""
     settings = Settings(home=home, model_downloads=False)
     store = Gallery(settings.storage)
@@ -226,27 +271,10 @@ PHASES = (  # (module, attribute, label): timed by wrapping, in the child only
     ("jobs.match", "_metadata", "metadata take"),
     ("jobs.match", "_result_rows", "result rows"),
     ("jobs.match", "write_result_set", "Parquet write"),
+    ("jobs.match", "plan_units", "plan units"),  # not in the phase table (it is in `other` there)
 )
-
-
-def timer(fn: Callable[..., Any], label: str, spent: dict[str, float], calls: dict[str, int]) -> Callable[..., Any]:
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        value, seconds = timed(lambda: fn(*args, **kwargs))
-        spent[label] = spent.get(label, 0.0) + seconds
-        calls[label] = calls.get(label, 0) + 1
-        return value
-
-    return wrapped
-
-
-def wrap_phases(spent: dict[str, float], calls: dict[str, int]) -> None:
-    for module_name, attribute, label in PHASES:
-        owner: Any = importlib.import_module(module_name)
-        holder_name, _, name = attribute.rpartition(".")
-        holder = getattr(owner, holder_name) if holder_name else owner
-        original = getattr(holder, name, None)
-        if original is not None:
-            setattr(holder, name, timer(original, label, spent, calls))
+STEPS = ("read probes", "plan units", "match loop", "metadata take", "Parquet write")  # top-level, sequential
+REST = "rest (lease, audit, watchlist, table opens)"
 
 
 def vm_hwm() -> int:
@@ -282,19 +310,28 @@ def force_kernel(kernel: str, used: list[str]) -> None:
     match_unit.unit_kernel = recorded
 
 
-def child(home: str, watchlist_id: str, kernel: str) -> int:
+def child(home: str, watchlist_id: str, kernel: str, engine: str) -> int:
     """`run_match` once, libraries imported before the RSS baseline; one JSON line on stdout."""
     from jobs import match
 
     _, imports = timed(import_libraries)
-    settings = Settings(home=Path(home), model_downloads=False)
+    if home.startswith("s3://"):
+        _, s3_imports = timed(lambda: importlib.import_module("boto3"))
+        imports += s3_imports
+    settings = Settings(home=home, model_downloads=False)
+    ray_start = 0.0
+    if engine == "ray":
+        from pipelines.engines.ray import start_ray
+
+        _, ray_start = timed(lambda: start_ray(settings.ray_address, settings.ray_num_cpus))
     spent: dict[str, float] = {}
     calls: dict[str, int] = {}
+    spans: list[tuple[str, float, float]] = []
     used: list[str] = []
-    wrap_phases(spent, calls)
+    wrap_functions(PHASES, spent, calls, spans)
     force_kernel(kernel, used)
     before = current_rss()
-    manifest, seconds = timed(lambda: match.run_match(settings, watchlist_id, "local"))
+    manifest, seconds = timed(lambda: match.run_match(settings, watchlist_id, engine))  # type: ignore[arg-type]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(
         json.dumps(
@@ -309,21 +346,19 @@ def child(home: str, watchlist_id: str, kernel: str) -> int:
                 "path": manifest["path"],
                 "run_id": manifest["run_id"],
                 "kernels": sorted(set(used)),
+                "engine": engine,
+                "ray_start": ray_start,
+                "spans": [list(span) for span in spans if span[0] in STEPS],
             }
         )
     )
     return 0
 
 
-def run_ours(settings: Settings, watchlist_id: str, kernel: str) -> Ours:
-    """The child is forked by a shell, not exec'd from here: Linux carries the RSS high-water mark of the
-    process that calls exec into ru_maxrss, so a direct child would report this (large) process's peak."""
-    child_argv = [sys.executable, str(Path(__file__).resolve()), "--child", str(settings.home), watchlist_id, kernel]
-    command = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *child_argv]
-    done = subprocess.run(command, check=False, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"the run_match child failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return Ours(**json.loads(done.stdout.strip().splitlines()[-1]))
+def run_ours(settings: Settings, watchlist_id: str, kernel: str, engine: str = "local") -> Ours:
+    """`run_match` in a child process (`bench_ingest.run_child`: forked by a shell, so its ru_maxrss is its own)."""
+    home = settings.home_uri
+    return Ours(**run_child([str(Path(__file__).resolve()), "--child", home, watchlist_id, kernel, engine]))
 
 
 def ours_ids(settings: Settings, run_id: str, q: int, k: int) -> np.ndarray:
@@ -506,18 +541,24 @@ def found_sources(ids: np.ndarray, sources: np.ndarray) -> float:
 # ---- one gallery size ---------------------------------------------------------------------------------------
 
 
-def prepare_case(n: int, root: Path, res: Results) -> Case:
+def prepare_case(n: int, root: Path, res: Results, s3: LoopbackS3 | None) -> Case:
     gallery, gen_s = timed(lambda: gallery_vectors(n))
     settings, write_s = timed(lambda: build_home(root / f"home-{n}", gallery))
     res.once += [
         (n, "generate the unit-norm gallery (numpy, seeded)", gen_s),
         (n, f"write it to the LanceDB `faces` table ({math.ceil(n / CHUNK)} appends of <= {CHUNK:,} rows)", write_s),
     ]
-    if not has_faiss():
-        return Case(n, settings, gallery)
-    index, add_s = faiss_index(gallery)
-    res.once.append((n, "FAISS `IndexFlatIP.add` (copy into the index)", add_s))
-    return Case(n, settings, gallery, index)
+    case = Case(n, settings, gallery, s3=s3)
+    if s3 is not None:
+        case.s3_bucket = s3.bucket()
+        case.s3_settings, s3_write_s = timed(lambda: build_home(f"s3://{case.s3_bucket}/home-{n}", gallery))
+        res.once.append(
+            (n, "write it to the `faces` table of the S3 home (moto on loopback), the same appends", s3_write_s)
+        )
+    if has_faiss():
+        case.faiss_index, add_s = faiss_index(gallery)
+        res.once.append((n, "FAISS `IndexFlatIP.add` (copy into the index)", add_s))
+    return case
 
 
 def measure_exact(case: Case, q: int, args: argparse.Namespace, root: Path, res: Results) -> None:
@@ -538,7 +579,37 @@ def measure_exact(case: Case, q: int, args: argparse.Namespace, root: Path, res:
         mine = ours_ids(case.settings, ours.run_id, q, args.k)
         note = f"filter {kernel_label(kernel, ours)}; {ours_note(mine, by_numpy, case)}"
         res.rows.append(Row(case.n, q, "ours", ours.seconds, q, recall(mine, case.exact[q]), note, kernel))
+    if case.s3_settings is not None:
+        measure_s3(case, q, wid, args, root, res)
     res.rows += [*peers, measure_flat(case, q, probes, args, case.exact[q])]
+
+
+def measure_s3(case: Case, q: int, wid: str, args: argparse.Namespace, root: Path, res: Results) -> None:
+    """`run_match` on the S3 home right after the local home's (chosen kernel), per engine; the requests it made.
+
+    The local engine's local-home figure is the `ours` row just measured (kernel `auto`) where there is one."""
+    assert case.s3_settings is not None and case.s3 is not None
+    s3_wid = submit_watchlist(case.s3_settings, root, case.probes[q], args.k)
+    table_bytes = case.s3.stored_bytes(case.s3_bucket, f"home-{case.n}/lance/faces.lance/data/")
+    for engine in args.s3_engine_list:
+        print(f"N={case.n:,} Q={q}: local home against S3 home, {engine} engine", file=sys.stderr, flush=True)
+        mark = case.s3.tally.mark()
+        try:
+            local = res.ours.get((case.n, q, "auto")) if engine == "local" else None
+            local = local or run_ours(case.settings, wid, "auto", engine)
+            mark = case.s3.tally.mark()
+            remote = run_ours(case.s3_settings, s3_wid, "auto", engine)
+        except RuntimeError as exc:
+            if engine == "local":
+                raise
+            last = [line for line in str(exc).splitlines() if line.strip()][-1]
+            res.s3_failed.append(f"N={case.n:,} Q={q} {engine}: {last.strip()}")  # e.g. Ray's start timed out
+            continue
+        requests = case.s3.tally.since(mark)
+        here = ours_ids(case.settings, local.run_id, q, args.k)
+        there = ours_ids(case.s3_settings, remote.run_id, q, args.k)
+        same = float(np.mean([set(a.tolist()) == set(b.tolist()) for a, b in zip(here, there, strict=True)]))
+        res.s3.append(S3Pair(case.n, q, engine, local, remote, requests, table_bytes, same))
 
 
 def kernel_label(kernel: str, ours: Ours) -> str:
@@ -580,15 +651,17 @@ def measure_ivf(case: Case, queries: list[int], args: argparse.Namespace, res: R
         res.rows.append(Row(case.n, q, "lancedb_ivf_pq", seconds, q, recall(ids, case.exact[q]), note))
 
 
-def measure_size(n: int, args: argparse.Namespace, root: Path, res: Results) -> None:
-    case = prepare_case(n, root, res)
+def measure_size(n: int, args: argparse.Namespace, root: Path, res: Results, s3: LoopbackS3 | None) -> None:
+    case = prepare_case(n, root, res, s3 if n in args.s3_size_list else None)
     try:
         for q in args.query_list:
             print(f"N={n:,} Q={q}: measuring", file=sys.stderr, flush=True)
             measure_exact(case, q, args, root, res)
         measure_ivf(case, args.query_list, args, res)
     finally:
-        shutil.rmtree(case.settings.home, ignore_errors=True)
+        shutil.rmtree(case.settings.local_home, ignore_errors=True)
+        if case.s3 is not None:
+            case.s3.drop(case.s3_bucket)  # moto keeps the objects in this process
 
 
 # ---- report -------------------------------------------------------------------------------------------------
@@ -792,6 +865,125 @@ def anatomy_lines(res: Results) -> list[str]:
     return markdown_table(header, cells, "rlrrrrrr")
 
 
+def step_of(request: S3Request, spans: list[list[Any]]) -> str:
+    """The top-level step of `run_match` (timed in the child) during which the server got the request."""
+    return next((str(label) for label, start, end in spans if start <= request.start <= end), REST)
+
+
+def steps_traffic(pair: S3Pair) -> dict[str, Traffic]:
+    return traffic_by(pair.requests, partial(step_of, spans=pair.s3.spans))
+
+
+def s3_lines(res: Results) -> list[str]:
+    """Local home against S3 home: wall time and ratio, the steps' seconds on each, the requests by step."""
+    if not res.s3:
+        return []
+    lines = [
+        "The same gallery on an S3 home (moto's S3 server on loopback, run by this script in its own process; "
+        "every request counted in the server), `run_match` right after the local home's, same run:",
+        "",
+    ]
+    cells = []
+    for pair in res.s3:
+        t = total_traffic(pair.requests)
+        cells.append(
+            [
+                f"{pair.n:,}",
+                str(pair.q),
+                pair.engine,
+                f"{pair.local.seconds:.2f}",
+                f"{pair.s3.seconds:.2f}",
+                f"{pair.s3.seconds / pair.local.seconds:.1f}" if pair.local.seconds else "-",
+                f"{pair.same_ids:.3f}",
+                *traffic_cells(t)[:8],
+                f"{t.sent / MB:,.1f} ({t.sent / max(1, pair.table_bytes):.2f}x)",
+                f"{t.whole / MB:,.0f}",
+                f"{t.busy:.2f}",
+            ]
+        )
+    header = ["N", "Q", "Engine", "Local home s", "S3 home s", "S3 / local", "Same top-K ids", "S3 requests", *KINDS]
+    header += ["MB read from S3 (x the table's data)", "MB moto read to cut the ranges", "moto busy s (sum)"]
+    lines += [*markdown_table(header, cells, "rrl" + "r" * 16), ""]
+    lines += ["Where the time goes on each home (seconds, timed in the child by wrapping the functions):", ""]
+    cells = []
+    for pair in res.s3:
+        for home, ours in (("local", pair.local), ("S3", pair.s3)):
+            cells.append([f"{pair.n:,}", str(pair.q), pair.engine, home, *step_cells(ours), f"{ours.seconds:.2f}"])
+    header = ["N", "Q", "Engine", "Home", "read probes", "plan units (open the table, list fragments)"]
+    header += ["Lance scan + to numpy", "score_block + TopK.add", "metadata take", "result rows", "Parquet write"]
+    header += [REST, "total s"]
+    lines += [*markdown_table(header, cells, "rrll" + "r" * 9), ""]
+    lines += ["S3 requests by step of `run_match` (by the time the server got them):", ""]
+    cells = []
+    for pair in res.s3:
+        by_step = steps_traffic(pair)
+        for step in [*STEPS, REST]:
+            if step in by_step:
+                cells.append([f"{pair.n:,}", str(pair.q), pair.engine, step, *traffic_cells(by_step[step])])
+    lines += [*markdown_table(["N", "Q", "Engine", "Step", *TRAFFIC_HEADER], cells, "rrll" + "r" * 12), ""]
+    return lines
+
+
+def step_cells(ours: Ours) -> list[str]:
+    """Seconds of the top-level steps; on Ray the scan and scoring run in the workers (the whole loop is shown)."""
+    p = ours.phases
+    scoring = p.get("score_block", 0.0) + p.get("TopK.add", 0.0)
+    scan = p.get("match loop", 0.0) - scoring
+    parts = [p.get(x, 0.0) for x in ("read probes", "plan units")]
+    parts += [scan, scoring, *(p.get(x, 0.0) for x in ("metadata take", "result rows", "Parquet write"))]
+    cells = [f"{v:.2f}" for v in parts]
+    if ours.engine == "ray":
+        cells[2], cells[3] = f"{scan:.2f} (whole loop, in Ray)", "(in Ray)"
+    return [*cells, f"{ours.seconds - sum(parts):.2f}"]
+
+
+def s3_notes(res: Results) -> list[str]:
+    """The request pattern in numbers: per block, per row, listings inside the scan, dataset opens."""
+    failed = [f"- Left out (the run failed): {'; '.join(res.s3_failed)}."] if res.s3_failed else []
+    if not res.s3:
+        return failed
+    found = []
+    for pair in res.s3:
+        by_step = steps_traffic(pair)
+        in_loop = [r for r in pair.requests if step_of(r, pair.s3.spans) == "match loop"]
+        take = by_step.get("metadata take", Traffic())
+        scan = [r for r in in_loop if "/faces.lance/data/" in r.key and r.kind in ("GET", "GET range")]
+        big = [r for r in scan if r.sent >= MB]
+        opens = sum(1 for r in pair.requests if "/faces.lance/_versions/" in r.key and r.op == "GetObject")
+        blocks = pair.s3.calls.get("score_block", 0)
+        lists = sum(t.kinds.get("LIST", 0) for t in by_step.values())
+        found.append(
+            f"N={pair.n:,} Q={pair.q} {pair.engine}: {len(pair.requests)} requests "
+            f"({len(pair.requests) / pair.n * 1e3:.2f} per 1,000 gallery rows), {lists} of them LIST; the match "
+            f"loop {len(in_loop)} requests"
+            + (f" for {blocks} blocks" if blocks else "")
+            + f", {sum(1 for r in in_loop if r.kind == 'LIST')} LIST, the vectors in {len(big)} ranged GETs of "
+            f"{sum(r.sent for r in big) / max(1, len(big)) / MB:.1f} MB on average, up to "
+            f"{max_in_flight(in_loop)} in flight, {sum(r.sent for r in scan) / max(1, pair.table_bytes):.2f}x the "
+            f"table's data read; the metadata take {take.requests} requests ({take.sent / MB:.2f} MB); the `faces` "
+            f"manifest read {opens} times."
+        )
+    outside = all(
+        r.kind != "LIST" for pair in res.s3 for r in pair.requests if step_of(r, pair.s3.spans) == "match loop"
+    )
+    return [
+        "- The S3 rows: " + " ".join(found) + " The match loop's requests follow the data file's bytes (large "
+        "ranges), not its blocks or rows. "
+        + ("The LISTs are all outside the match loop: " if outside else "Where the LISTs come from: ")
+        + "LanceDB lists a table's `_versions/` before every operation on it (the tables are "
+        "opened with `read_consistency_interval=0`) and `Gallery.open` lists the table names; the session (writer "
+        "lease, audit records, unfinished uploads) adds its own small requests. The `faces` table is opened anew by "
+        "`Gallery.open`, `plan_units`, the unit and `_metadata` (manifest HEAD and GET each), and `_metadata`'s open "
+        "reads the data file's footer again before the top-K rows' columns. moto is a Python server: every request "
+        "is parsed and answered in Python, and a ranged GET reads the whole object from moto's spool file to cut "
+        "the range (`MB moto read to cut the ranges`), so a request into a large data file costs moto far more than "
+        "the bytes it sends; its summed busy time runs across concurrent requests. The ratio is therefore an upper "
+        "bound of the request pattern against a slow server, not what a real S3 would take: there is no target "
+        "ratio.",
+        *failed,
+    ]
+
+
 def versions() -> str:
     import lance
     import lancedb
@@ -836,7 +1028,7 @@ def render(res: Results, args: argparse.Namespace, command: str) -> str:
     lines += [f"- {item}" for item in [*machine("auto"), *kernel_lines(res.timing), versions()]]
     lines += [
         f"- 1-minute load average at start / end: {' / '.join(f'{v:.2f}' for v in res.load)} "
-        "(anything else running on the machine slows every row)",
+        f"(anything else running on the machine slows every row){load_warning(res.load)}",
         f"- Data: N seeded unit-norm {FACE_DIM}-d float32 vectors, written to the `faces` table of a fresh "
         f"GALLERYMATCH home (model `{MODEL}`, appends of {CHUNK:,} rows, so one fragment per 100k rows); Q seeded "
         f"unit-norm probes, every other one a gallery vector plus noise (cosine ~0.89), submitted with "
@@ -852,7 +1044,8 @@ def render(res: Results, args: argparse.Namespace, command: str) -> str:
         "",
     ]
     lines += [*anatomy_lines(res), "", *once_lines(res), ""]
-    lines += notes(args)
+    lines += s3_lines(res)
+    lines += [*notes(args)[:-1], *s3_notes(res), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -916,9 +1109,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="filter kernels of ours, comma separated: auto (chosen for this CPU), int8, float32 (forced); "
         "the first is the one in the ratio table (%(default)s)",
     )
-    parser.add_argument("--child", nargs=3, metavar=("HOME", "WATCHLIST_ID", "KERNEL"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--s3-sizes",
+        default=DEFAULT_S3_SIZES,
+        help="sizes (of --sizes) at which the gallery is also matched on an S3 home, moto on loopback; "
+        "'none' for none (%(default)s)",
+    )
+    parser.add_argument(
+        "--s3-engines", default=DEFAULT_S3_ENGINES, help="engines of the S3 comparison: local, ray (%(default)s)"
+    )
+    parser.add_argument("--s3-log", type=Path, default=None, help="write every counted S3 request here (JSON lines)")
+    parser.add_argument(
+        "--child", nargs=4, metavar=("HOME", "WATCHLIST_ID", "KERNEL", "ENGINE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     args.size_list, args.query_list = int_list(args.sizes), int_list(args.queries)
+    s3_sizes = [] if args.s3_sizes.strip().lower() in ("", "none") else int_list(args.s3_sizes)
+    args.s3_size_list = [n for n in s3_sizes if n in args.size_list]
+    args.s3_engine_list = [v.strip() for v in args.s3_engines.split(",") if v.strip()]
+    if not args.s3_engine_list or not set(args.s3_engine_list) <= {"local", "ray"}:
+        parser.error("--s3-engines takes local, ray")
     args.kernel_list = [v.strip() for v in args.kernels.split(",") if v.strip()]
     if not args.kernel_list or not set(args.kernel_list) <= {"auto", *FILTER_KERNELS}:
         parser.error(f"--kernels takes auto, {', '.join(FILTER_KERNELS)}")
@@ -935,11 +1145,23 @@ def command_line(argv: list[str]) -> str:
     return shlex.join([os.path.relpath(sys.executable), "scripts/bench_match.py", *argv])
 
 
+@contextmanager
+def s3_server(wanted: bool) -> Iterator[LoopbackS3 | None]:
+    if not wanted:
+        yield None
+        return
+    with loopback_s3() as s3:
+        yield s3
+
+
 def run(args: argparse.Namespace) -> Results:
     res = Results(load=[os.getloadavg()[0]], timing=time_filters())
-    with tempfile.TemporaryDirectory(prefix="bench-match-", dir=args.workdir) as name:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-match-", dir=args.workdir) as name,
+        s3_server(bool(args.s3_size_list)) as s3,
+    ):
         for n in args.size_list:
-            measure_size(n, args, Path(name), res)
+            measure_size(n, args, Path(name), res, s3)
     res.anatomy = {q: anatomy(q, args.k) for q in args.query_list}
     res.load.append(os.getloadavg()[0])
     return res
@@ -951,7 +1173,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(*args.child)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    section = render(run(args), args, command_line(argv))
+    res = run(args)
+    section = render(res, args, command_line(argv))
+    if args.s3_log is not None:
+        write_s3_log(args.s3_log, [(f"N={p.n} Q={p.q} {p.engine}", p.requests) for p in res.s3])
     print(section)
     if not args.no_write:
         write_section(args.out, section, args.heading)

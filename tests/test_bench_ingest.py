@@ -1,7 +1,9 @@
-"""The ingest benchmark's reference figures: the stage bound and the job size that reaches the target."""
+"""The ingest benchmark's reference figures (the stage bound and the job size that reaches the target), and the
+S3 request tally both benchmarks count a loopback moto server's requests with."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -44,3 +46,66 @@ def test_ratio_table_flags_the_target_per_engine() -> None:
     (local, ray) = bench.ratios(res)
     assert local[0] == "local" and local[6] == "0.83 (met)"
     assert ray[0] == "ray" and ray[6] == "0.50 (NO)"
+
+
+def test_s3_requests_are_named_by_operation() -> None:
+    op = bench.s3_operation
+    assert op("GET", "/bkt", "list-type=2&prefix=home%2Flance%2F", {}) == ("ListObjectsV2", "home/lance/")
+    assert op("GET", "/bkt", "uploads&prefix=home%2Fresults%2F", {}) == ("ListMultipartUploads", "home/results/")
+    assert op("GET", "/bkt/home/a%3Db/x.lance", "", {"HTTP_RANGE": "bytes=0-9"}) == (
+        "GetObject (range)",
+        "home/a=b/x.lance",
+    )
+    assert op("GET", "/bkt/k", "", {}) == ("GetObject", "k")
+    assert op("HEAD", "/bkt/k", "", {}) == ("HeadObject", "k")
+    assert op("PUT", "/bkt/k", "", {"HTTP_IF_NONE_MATCH": "*"}) == ("PutObject (If-None-Match)", "k")
+    assert op("PUT", "/bkt/k", "partNumber=2&uploadId=u", {}) == ("UploadPart", "k")
+    assert op("POST", "/bkt", "delete", {}) == ("DeleteObjects", "")
+    assert op("DELETE", "/bkt/k", "", {}) == ("DeleteObject", "k")
+    assert op("PUT", "/bkt", "", {}) == ("CreateBucket", "")
+    kinds = [bench.request_kind(name) for name in ("ListObjectsV2", "GetObject (range)", "UploadPart", "HeadBucket")]
+    assert kinds == ["LIST", "GET range", "PUT", "other"]
+
+
+def test_traffic_groups_requests_by_area() -> None:
+    def request(op: str, key: str, sent: int = 0, whole: int = 0) -> bench.S3Request:
+        return bench.S3Request(0.0, 0.5, op, key, sent, 0, whole or sent, 200)
+
+    requests = [
+        request("GetObject (range)", "home/lance/faces.lance/data/f.lance", 10, 1000),
+        request("ListObjectsV2", "home/lance/faces.lance/_versions/", 300),
+        request("ListObjectsV2", "home/lance/", 200),
+        request("GetObject (range)", "shards/source_id=bench/shard-1.parquet", 50, 60),
+        request("PutObject (If-None-Match)", "home/audit/records/00000000/000000000001.json"),
+    ]
+    by_area = bench.traffic_by(requests, bench.area_of)
+    assert sorted(by_area) == ["audit", "lance/ (the table names)", "lance/faces.lance", "shards (Parquet)"]
+    faces = by_area["lance/faces.lance"]
+    assert faces.kinds == {"GET range": 1, "LIST": 1} and faces.requests == 2
+    assert (faces.sent, faces.whole, faces.busy) == (310, 1000, 1.0)  # `whole` counts ranged GETs only
+    total = bench.total_traffic(requests)
+    assert total.requests == 5 and total.kinds["LIST"] == 2 and total.kinds["PUT"] == 1
+
+
+def test_loopback_s3_counts_what_a_client_sends_and_restores_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    with bench.loopback_s3() as s3:
+        assert s3.endpoint.startswith("http://127.0.0.1:")
+        assert os.environ["AWS_ENDPOINT_URL"] == s3.endpoint
+        bucket, client = s3.bucket(), s3.client()
+        mark = s3.tally.mark()
+        client.put_object(Bucket=bucket, Key="a/b.bin", Body=b"x" * 1000)
+        assert client.get_object(Bucket=bucket, Key="a/b.bin", Range="bytes=10-19")["Body"].read() == b"x" * 10
+        client.list_objects_v2(Bucket=bucket, Prefix="a/")
+        seen = s3.tally.since(mark)  # taken as soon as the client is done: nothing may be missing
+        assert [(r.op, r.key) for r in seen] == [
+            ("PutObject", "a/b.bin"),
+            ("GetObject (range)", "a/b.bin"),
+            ("ListObjectsV2", "a/"),
+        ]
+        assert (seen[0].received, seen[1].sent, seen[1].whole, seen[1].status) == (1000, 10, 1000, 206)
+        assert s3.stored_bytes(bucket, "a/") == 1000
+        s3.drop(bucket)
+    assert os.environ["AWS_ENDPOINT_URL"] == "http://127.0.0.1:1"
