@@ -95,20 +95,13 @@ class S3Config:
         return pafs.S3FileSystem(**kwargs)
 
     def lance_options(self) -> dict[str, str]:
-        options = {
-            "aws_access_key_id": self.access_key,
-            "aws_secret_access_key": self.secret_key,
-            "aws_region": self.region,
-        }
-        if self.session_token:
-            options["aws_session_token"] = self.session_token
-        if self.endpoint is not None:
-            options["aws_endpoint"] = self.endpoint
-        if self.allow_http:
-            options["allow_http"] = "true"
-        return options
+        return self._options(endpoint_key="aws_endpoint", http_key="allow_http")
 
     def polars_options(self) -> dict[str, str]:
+        return self._options(endpoint_key="aws_endpoint_url", http_key="aws_allow_http")
+
+    def _options(self, endpoint_key: str, http_key: str) -> dict[str, str]:
+        """The object_store-style options Lance and Polars both take; they name the endpoint keys differently."""
         options = {
             "aws_access_key_id": self.access_key,
             "aws_secret_access_key": self.secret_key,
@@ -117,9 +110,9 @@ class S3Config:
         if self.session_token:
             options["aws_session_token"] = self.session_token
         if self.endpoint is not None:
-            options["aws_endpoint_url"] = self.endpoint
+            options[endpoint_key] = self.endpoint
         if self.allow_http:
-            options["aws_allow_http"] = "true"
+            options[http_key] = "true"
         return options
 
 

@@ -277,20 +277,9 @@ def measure_engine(engine: Engine, tmp: Path, corpus: Corpus, res: Results) -> N
         from pipelines.engines.ray import start_ray
 
         _, res.once["Ray start (`start_ray`)"] = timed(lambda: start_ray(settings.ray_address, settings.ray_num_cpus))
-    commits: list[tuple[float, int]] = []
-    original = ingest_job.commit_shard
-
-    def commit(gallery: Any, output: ShardOutput, task: IngestTask) -> Any:
-        value = original(gallery, output, task)
-        commits.append((time.perf_counter(), int(output.stats["distinct_images"])))
-        return value
-
-    ingest_job.commit_shard = commit
-    try:
+    with recorded_commits() as commits:
         start = time.perf_counter()
         summary, seconds = timed(lambda: run_ingest(settings, corpus.shards_dir, "all", engine, FACE, IMAGE, False))
-    finally:
-        ingest_job.commit_shard = original
     if len(commits) >= 2:
         res.startup[engine] = commits[0][0] - start
         steady_images = sum(n for _, n in commits[1:])
@@ -310,6 +299,24 @@ def measure_engine(engine: Engine, tmp: Path, corpus: Corpus, res: Results) -> N
     res.rows[f"e2e_{engine}"] = Row(
         f"**end to end, {engine}** (`run_ingest`, LanceDB commits)", summary["images"], seconds, note
     )
+
+
+@contextmanager
+def recorded_commits() -> Iterator[list[tuple[float, int]]]:
+    """(time, images) of every shard commit `run_ingest` makes while inside; the job's own function runs as is."""
+    commits: list[tuple[float, int]] = []
+    original = ingest_job.commit_shard
+
+    def commit(gallery: Any, output: ShardOutput, task: IngestTask) -> Any:
+        value = original(gallery, output, task)
+        commits.append((time.perf_counter(), int(output.stats["distinct_images"])))
+        return value
+
+    ingest_job.commit_shard = commit
+    try:
+        yield commits
+    finally:
+        ingest_job.commit_shard = original
 
 
 def stop_ray() -> None:
@@ -717,17 +724,9 @@ def ingest_child(home: str, shards: str) -> int:
     calls: dict[str, int] = {}
     spans: list[tuple[str, float, float]] = []
     wrap_functions(INGEST_PHASES, spent, calls, spans)
-    commits: list[tuple[float, int]] = []
-    timed_commit = ingest_job.commit_shard
-
-    def commit(gallery: Any, output: ShardOutput, task: IngestTask) -> Any:
-        value = timed_commit(gallery, output, task)
-        commits.append((time.perf_counter(), int(output.stats["distinct_images"])))
-        return value
-
-    ingest_job.commit_shard = commit
-    start = time.perf_counter()
-    summary, seconds = timed(lambda: run_ingest(settings, shards, "all", "local", FACE, IMAGE, False))
+    with recorded_commits() as commits:
+        start = time.perf_counter()
+        summary, seconds = timed(lambda: run_ingest(settings, shards, "all", "local", FACE, IMAGE, False))
     out = {"seconds": seconds, "imports": imports, "images": summary["images"], "shards": summary["shards"]}
     out |= {
         "startup": commits[0][0] - start if commits else seconds,

@@ -117,3 +117,18 @@ def faithful_conditional_puts() -> None:
 
     put_object._serialised = True  # type: ignore[attr-defined]
     S3Response.put_object = put_object  # type: ignore[method-assign]
+
+
+def finish_all(procs: list[Any], timeout: float) -> list[subprocess.CompletedProcess[Any]]:
+    """Wait for every child and collect its output; whatever still runs on the way out (a failed wait) is killed."""
+    try:
+        done = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+        return done
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

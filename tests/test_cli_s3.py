@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import child_env, faithful_conditional_puts
+from helpers import child_env, faithful_conditional_puts, finish_all
 from s3 import client, make_bucket
 from test_erasure_crash import embeddings_file
 
@@ -39,7 +39,7 @@ def together(
 ) -> list[subprocess.CompletedProcess[str]]:
     """Several `gallerymatch` commands started at once, each in its own process (writers among them take turns on
     the home's writer lease); their results in order."""
-    return finish(start(home, keys, commands, env))
+    return finish_all(start(home, keys, commands, env), 600)
 
 
 def start(
@@ -57,20 +57,6 @@ def start(
         )
         for args in commands
     ]
-
-
-def finish(procs: list[subprocess.Popen[str]]) -> list[subprocess.CompletedProcess[str]]:
-    try:
-        done = []
-        for proc in procs:
-            out, err = proc.communicate(timeout=600)
-            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-        return done
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
 
 
 def ok(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -128,7 +114,7 @@ def test_every_command_on_an_s3_home(s3_env: dict[str, str], tmp_path: Path) -> 
         ["review", run, "p1", "1", "--status", "potential_candidate", "--reviewer", "rev-1", "--json"],
         ["retention", "run", "--json"],
     )
-    (ray,) = map(ok, finish(on_ray))
+    (ray,) = map(ok, finish_all(on_ray, 600))
     assert ray["engine"] == "ray" and ray["candidates"] == 2 * 3 and ray["gallery_version"] == local["gallery_version"]
     runs = {r["run_id"] for r in ok(listed)["runs"]}
     assert run in runs and runs <= {run, ray["run_id"]}  # and the ray run, if it had committed by then

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import make_settings, register
-from helpers import another_writer, faithful_conditional_puts
+from helpers import another_writer, faithful_conditional_puts, finish_all
 from test_erasure_crash import REPO, embeddings_file, env_for
 
 from jobs.erase import erase
@@ -71,16 +71,12 @@ def together(settings: Settings, code: str, arg: str, count: int) -> list[subpro
             assert time.monotonic() < deadline, "the writers did not start"
             time.sleep(0.01)
         go.touch()
-        out = []
+    except BaseException:
         for proc in procs:
-            stdout, stderr = proc.communicate(timeout=300)
-            out.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-        return out
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            proc.kill()
+        finish_all(procs, 30)  # reaped, not left behind
+        raise
+    return finish_all(procs, 300)
 
 
 def assert_one_at_a_time(settings: Settings, action: str, count: int) -> None:

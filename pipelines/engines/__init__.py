@@ -57,16 +57,20 @@ class Engine(Protocol):
     def match(self, units: list[MatchUnit], probes: np.ndarray) -> list[TopK]: ...
 
 
-class LocalEngine:
-    """In-process: nothing to start."""
-
-    name = "local"
+class _EngineBase:
+    """What every engine shares: its options, and no runtime to start unless it says otherwise."""
 
     def __init__(self, options: EngineOptions | None = None):
         self.options = options or EngineOptions()
 
     def prepare_runtime(self) -> None:
         return None
+
+
+class LocalEngine(_EngineBase):
+    """In-process: nothing to start."""
+
+    name = "local"
 
     def ingest(self, task: IngestTask, items: list[WorkItem]) -> Iterator[ShardOutput]:
         from pipelines.engines.local import run_local
@@ -79,13 +83,10 @@ class LocalEngine:
         return match_local(units, probes)
 
 
-class RayEngine:
+class RayEngine(_EngineBase):
     """Ray Data / Ray tasks on a local Ray (started here) or the cluster at `ray_address`."""
 
     name = "ray"
-
-    def __init__(self, options: EngineOptions | None = None):
-        self.options = options or EngineOptions()
 
     def prepare_runtime(self) -> None:
         from pipelines.engines.ray import start_ray
@@ -104,16 +105,10 @@ class RayEngine:
         return match_ray(units, probes, self.options.ray_address, self.options.ray_num_cpus)
 
 
-class ModalEngine:
+class ModalEngine(_EngineBase):
     """Modal containers (the app is defined in pipelines/engines/modal.py), run per ingest: nothing to start."""
 
     name = "modal"
-
-    def __init__(self, options: EngineOptions | None = None):
-        self.options = options or EngineOptions()
-
-    def prepare_runtime(self) -> None:
-        return None
 
     def ingest(self, task: IngestTask, items: list[WorkItem]) -> Iterator[ShardOutput]:
         from pipelines.engines.modal import run_modal
