@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
 from pipelines.results import scan_results
+
+
+def _settings(home: str | Path | None) -> Any:
+    from pipelines.settings import Settings
+
+    return Settings(home=str(home)) if home is not None else Settings()
 
 
 def results(home: str | Path | None = None) -> Any:
@@ -22,9 +29,8 @@ def results(home: str | Path | None = None) -> Any:
 
     from lance_tables.reviews import effective_statuses
     from lance_tables.store import Gallery
-    from pipelines.settings import Settings
 
-    settings = Settings(home=str(home)) if home is not None else Settings()
+    settings = _settings(home)
     frame = scan_results(settings.storage)
     statuses = effective_statuses(Gallery(settings.storage)) if settings.store.folders("lance") else {}
     if not statuses:
@@ -36,3 +42,33 @@ def results(home: str | Path | None = None) -> Any:
     )
     joined = frame.join(reviews.lazy(), on=["run_id", "probe_id", "rank"], how="left")
     return joined.with_columns(pl.coalesce("reviewed", "review_status").alias("review_status")).drop("reviewed")
+
+
+def latest_runs(home: str | Path | None = None) -> Any:
+    """`polars.LazyFrame` of the candidates of each watchlist's latest run only (what the nightly last wrote).
+
+    >>> latest_runs("/data/gallerymatch").filter(pl.col("new_since_parent")).collect()
+    """
+    import polars as pl
+
+    from pipelines.results import list_runs
+
+    newest: dict[str, str] = {}
+    for manifest in list_runs(_settings(home).store):  # newest first
+        newest.setdefault(str(manifest["watchlist_id"]), str(manifest["run_id"]))
+    return results(home).filter(pl.col("run_id").is_in(list(newest.values())))
+
+
+def new_since(run_id: str, home: str | Path | None = None) -> Any:
+    """`polars.LazyFrame` of the candidates of the watchlist's later runs that were not listed by `run_id` or
+    before it: each (probe, gallery row) pair once, in the run that first listed it."""
+    import polars as pl
+
+    from pipelines.results import require_run
+
+    manifest = require_run(_settings(home).store, run_id)
+    frame = results(home).filter(pl.col("watchlist_id") == manifest["watchlist_id"])
+    later = frame.filter(pl.col("matched_at") > pl.lit(dt.datetime.fromisoformat(manifest["matched_at"])))
+    seen = frame.filter(pl.col("matched_at") <= pl.lit(dt.datetime.fromisoformat(manifest["matched_at"])))
+    fresh = later.join(seen.select("probe_id", "gallery_id").unique(), on=["probe_id", "gallery_id"], how="anti")
+    return fresh.sort("matched_at").unique(subset=["probe_id", "gallery_id"], keep="first", maintain_order=True)

@@ -278,6 +278,21 @@ def watchlist_show(watchlist_id: str, as_json: JsonOpt = False) -> None:
     _emit(show(_settings(), watchlist_id), as_json, lambda r: _lines({k: v for k, v in r.items() if k != "probe_list"}))
 
 
+@watchlist_app.command("amend")
+def watchlist_amend(
+    watchlist_id: str,
+    requested_by: Annotated[str, typer.Option(help="opaque id of who changes it")],
+    top_k: Annotated[int | None, typer.Option(help="candidates per probe from now on")] = None,
+    threshold: Annotated[float | None, typer.Option(help="cosine score flagged above_threshold from now on")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change an open watchlist's top K or threshold; the next run follows (audited)."""
+    from jobs.watchlist import amend
+
+    record = amend(_settings(), watchlist_id, requested_by, top_k, threshold)
+    _emit(record, as_json, lambda r: f"watchlist {r['watchlist_id']}: top-{r['top_k']}, threshold {r['threshold']}")
+
+
 @watchlist_app.command("close")
 def watchlist_close(
     watchlist_id: str,
@@ -323,6 +338,37 @@ def match(
     )
 
 
+@app.command()
+def nightly(
+    engine: Annotated[str, typer.Option(help="local | ray | modal (started once for the night)")] = "local",
+    as_json: JsonOpt = False,
+) -> None:
+    """The scheduled re-match: retention, then every open watchlist against what its gallery gained since
+    its last run, merged exactly into a new result set (a full run where that cannot be done, and why)."""
+    from jobs.nightly import run_nightly
+
+    _choice("--engine", engine, ("local", "ray", "modal"))
+    _emit(run_nightly(_settings(), engine), as_json, _nightly_human)
+
+
+def _nightly_human(r: dict[str, Any]) -> str:
+    lines = [
+        f"{x['watchlist_id']}  {x['mode']:<5} {x['full_reason'] or '':<20} run {x['run_id']}  "
+        f"v{x['from_version'] if x['from_version'] is not None else '-'}..v{x['to_version']}  "
+        f"{x['new_candidates']} new ({x['new_above_threshold']} above threshold)"
+        for x in r["runs"]
+    ]
+    lines += [f"{x['watchlist_id']}  skipped: {x['detail']}" for x in r["skipped"]]
+    lines += [
+        f"case {c['case_id']}: {c['new_candidates']} new candidate(s), {c['new_above_threshold']} above threshold"
+        for c in r["cases"]
+    ]
+    expired = r["retention"].get("watchlists_expired") or []
+    lines.append(f"retention: {len(expired)} watchlist(s) expired tonight")
+    lines.append("Candidates are for human review; they are not identifications.")
+    return "\n".join(lines) if r["runs"] or r["skipped"] else "no open watchlists\n" + "\n".join(lines[-2:])
+
+
 @results_app.command("list")
 def results_list(as_json: JsonOpt = False) -> None:
     """Every complete result set, newest first."""
@@ -350,19 +396,21 @@ def results_show(
     requested_by: Annotated[
         str | None, typer.Option(help="opaque id of who looks at the candidates (default: GALLERYMATCH_ACTOR)")
     ] = None,
+    new: Annotated[bool, typer.Option("--new", help="only candidates new since the run's parent run")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """One result set: its manifest and the best candidates of each probe; who looked is audited."""
     from jobs.result_sets import show_result_set
 
     _emit(
-        show_result_set(_settings(), run_id, limit, requested_by),
+        show_result_set(_settings(), run_id, limit, requested_by, new_only=new),
         as_json,
         lambda r: "\n".join(
             [r["notice"]]
             + [
                 f"{c['probe_id']}  #{c['rank']:<3} {c['score']:.4f} {'*' if c['above_threshold'] else ' '} "
                 f"{c['gallery_id']}  {_named(c)}  source {c['source_id']}  {c['review_status']}"
+                f"{'  new' if c.get('new_since_parent') else ''}"
                 for c in r["candidates_shown"]
             ]
         ),

@@ -12,6 +12,7 @@ import numpy as np
 from lance_tables.sources import require_registered
 from lance_tables.store import Gallery
 from pipelines.audit import table_versions
+from pipelines.delta import IMPORTED_WEIGHTS
 from pipelines.embed import embedding_id
 from pipelines.errors import Refused
 from pipelines.importer import (
@@ -127,7 +128,7 @@ def _commit(
     gallery.upsert("quarantine", to_arrow(qrows, QUARANTINE))
     if not result.rows:
         return
-    digest = f"imported:sha256:{key}"
+    digest = f"{IMPORTED_WEIGHTS}sha256:{key}"
     id_col = "face_id" if modality == "face" else "embedding_id"
     rows = [
         r

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from jobs.session import writer_session
+from lance_tables.delta import PinnedTable, weights_of
 from lance_tables.store import Gallery
 from lance_tables.watchlists import get_watchlist, read_probes
-from pipelines.audit import digest
-from pipelines.engines import EngineOptions, open_engine
+from pipelines.audit import AuditLog, digest
+from pipelines.delta import DELTA_BASIS, Candidate, Mode, merge, model_weights, probes_digest, with_history
+from pipelines.engines import Engine, EngineOptions, open_engine
 from pipelines.errors import Refused
 from pipelines.match_unit import MatchUnit
 from pipelines.matcher import TopK, ranked
-from pipelines.results import write_result_set
+from pipelines.results import list_runs, read_run, write_result_set
 from pipelines.schemas import RESULT_SCHEMA
 from pipelines.settings import Settings
 from pipelines.sql import sql_list
@@ -63,88 +67,227 @@ def run_match(
     nprobes: int = 20,
     refine: int = 10,
 ) -> dict[str, Any]:
-    """Audited write-ahead: the search's intent (case, purpose, requester, run id) is recorded before it runs."""
+    """Audited write-ahead: the search's intent (case, purpose, requester, run id) is recorded before it runs.
+
+    A full run over the whole gallery; each candidate says whether it is new since the watchlist's last run."""
     runner = open_engine(engine, EngineOptions.from_settings(settings))
     runner.prepare_runtime()  # before LanceDB's runtime exists: Ray must not fork a live async runtime
-    with writer_session(settings, "match") as log:
-        gallery = Gallery(settings.storage)
-        wl = get_watchlist(gallery, watchlist_id)
-        now = dt.datetime.now(dt.UTC)
-        if wl["status"] != "open":
-            raise Refused(f"watchlist {watchlist_id} is {wl['status']}; closed watchlists are not matched")
-        if wl["expires_at"] <= now:
-            raise Refused(f"watchlist {watchlist_id} expired on {wl['expires_at']:%Y-%m-%d}; it is no longer matched")
-        run_id = f"run-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
-        fields = {k: wl[k] for k in ("case_id", "purpose", "requested_by", "watchlist_id", "model_id")}
-        with log.action(wl["requested_by"], "match", run_id=run_id, method=method, **fields) as op:
-            result = _match(settings, gallery, wl, run_id, now, engine, method, nprobes, refine, op.head.as_dict())
-            op.record(
-                table_versions={result["gallery_table"]: result["gallery_version"]},
-                inputs_digest=result.pop("inputs_digest"),
-                counts={k: result[k] for k in ("probes", "candidates", "above_threshold")},
-                kernel=result.get("filter_kernel"),
+    try:
+        with writer_session(settings, "match") as log:
+            gallery = Gallery(settings.storage)
+            wl = get_watchlist(gallery, watchlist_id)
+            now = dt.datetime.now(dt.UTC)
+            if wl["status"] != "open":
+                raise Refused(f"watchlist {watchlist_id} is {wl['status']}; closed watchlists are not matched")
+            if wl["expires_at"] <= now:
+                raise Refused(
+                    f"watchlist {watchlist_id} expired on {wl['expires_at']:%Y-%m-%d}; it is no longer matched"
+                )
+            probes, vectors = read_probes(gallery, watchlist_id)
+            parent = latest_runs(settings.store).get(watchlist_id)
+            plan = RunPlan("full", None, parent, None)
+            return match_watchlist(
+                settings, gallery, runner, log, wl, probes, vectors, now, plan, method, nprobes, refine
             )
-            return result
+    finally:
+        close_engine(runner)
+
+
+def close_engine(runner: Any) -> None:
+    """Let the engine release what it started for this job (the Modal app of the night, say)."""
+    close = getattr(runner, "close", None)
+    if close is not None:
+        close()
+
+
+def latest_runs(store: Any) -> dict[str, dict[str, Any]]:
+    """The newest complete run of each watchlist (its manifest), from one listing of the manifests."""
+    latest: dict[str, dict[str, Any]] = {}
+    for manifest in list_runs(store):  # newest first
+        latest.setdefault(str(manifest["watchlist_id"]), manifest)
+    return latest
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How one run is made: `full` over the whole gallery, or `delta` (the parent's candidates merged with
+    `delta` lists computed from the rows written since `from_version`)."""
+
+    mode: Mode
+    full_reason: str | None
+    parent: dict[str, Any] | None  # the parent's manifest
+    delta: list[list[Candidate]] | None  # delta mode: per probe, the delta's candidates
+    from_version: int | None = None
+    parent_rows: list[list[Candidate]] | None = None  # per probe, the parent's candidates (when read)
+    gallery_weights: tuple[str, ...] | None = None
+
+
+def full_plan(store: Any, parent: dict[str, Any] | None, probes: list[dict[str, Any]], reason: str | None) -> RunPlan:
+    """A full run; its candidates are compared with the parent's (when readable) to mark what is new."""
+    return RunPlan("full", reason, parent, None, parent_rows=parent_candidates(store, parent, probes))
+
+
+def parent_candidates(
+    store: Any, parent: dict[str, Any] | None, probes: list[dict[str, Any]]
+) -> list[list[Candidate]] | None:
+    """Per probe, the parent run's candidates (None: no parent, or its result set cannot be read)."""
+    if parent is None:
+        return None
+    try:
+        rows = read_run(store, parent)
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+    return candidates_of(rows, probes, int(parent.get("top_k") or 0) or len(rows) or 1)
+
+
+def gallery_table(modality: str) -> str:
+    return "faces" if modality == "face" else "image_embeddings"
+
+
+def pin_table(gallery: Gallery, modality: str) -> PinnedTable | None:
+    """The watchlist's gallery table at its latest version (None: no such table yet)."""
+    name = gallery_table(modality)
+    table = gallery.open(name)
+    if table is None:
+        return None
+    return PinnedTable(name, gallery.table_uri(name), int(table.version), dict(gallery.options))
+
+
+def match_watchlist(
+    settings: Settings,
+    gallery: Gallery,
+    runner: Engine,
+    log: AuditLog,
+    wl: dict[str, Any],
+    probes: list[dict[str, Any]],
+    vectors: np.ndarray,
+    now: dt.datetime,
+    plan: RunPlan,
+    method: Method = "exact",
+    nprobes: int = 20,
+    refine: int = 10,
+    pinned: PinnedTable | None = None,
+) -> dict[str, Any]:
+    """One audited run of one watchlist: the intent names the case, purpose, requester, mode and versions."""
+    run_id = f"run-{now:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    fields = {k: wl[k] for k in ("case_id", "purpose", "requested_by", "watchlist_id", "model_id")}
+    parent = plan.parent
+    lineage = {
+        "mode": plan.mode,
+        "full_reason": plan.full_reason,
+        "parent_run_id": parent["run_id"] if parent else None,
+        "from_version": plan.from_version,
+    }
+    with log.action(wl["requested_by"], "match", run_id=run_id, method=method, **fields, **lineage) as op:
+        if method == "ivf_pq" and gallery.open(gallery_table(wl["modality"])) is not None:
+            from lance_tables.ann import ensure_ivf_pq
+
+            ensure_ivf_pq(gallery.open(gallery_table(wl["modality"])))  # a new table version at the first build
+            pinned = None
+        pinned = pinned or pin_table(gallery, wl["modality"])
+        result = _match(settings, runner, pinned, wl, probes, vectors, run_id, now, plan, method, nprobes, refine)
+        result |= {"audit_head": op.head.as_dict()}
+        path = write_result_set(settings.store, wl["watchlist_id"], run_id, result.pop("rows"), result)
+        op.record(
+            table_versions={result["gallery_table"]: result["gallery_version"]},
+            inputs_digest=digest([p["probe_id"] for p in probes]),
+            counts={k: result[k] for k in ("probes", "candidates", "above_threshold", "new_candidates")},
+            kernel=result.get("filter_kernel"),
+            to_version=result["to_version"],
+        )
+        return result | {"path": str(path)}
 
 
 def _match(
     settings: Settings,
-    gallery: Gallery,
+    runner: Engine,
+    pinned: PinnedTable | None,
     wl: dict[str, Any],
+    probes: list[dict[str, Any]],
+    vectors: np.ndarray,
     run_id: str,
     now: dt.datetime,
-    engine: MatchEngine,
+    plan: RunPlan,
     method: Method,
     nprobes: int,
     refine: int,
-    audit_head: dict[str, Any],
 ) -> dict[str, Any]:
-    watchlist_id = wl["watchlist_id"]
-    probes, vectors = read_probes(gallery, watchlist_id)
-    name = "faces" if wl["modality"] == "face" else "image_embeddings"
-    table = gallery.open(name)
-    if method == "ivf_pq" and table is not None:
-        from lance_tables.ann import ensure_ivf_pq
-
-        ensure_ivf_pq(table)  # a new table version when the index is first built
-    version = int(table.version) if table is not None else 0  # pinned: latest at the start of the run
-    top = TopK(len(probes), wl["top_k"])
-    meta: dict[int, dict[str, Any]] = {}
+    name = gallery_table(wl["modality"])
+    version = pinned.version if pinned is not None else 0
+    where = gallery_filter(wl["model_id"], wl["purpose"])
+    k = int(wl["top_k"])
     extra: dict[str, Any] = {}
-    if table is not None and len(probes):
-        uri, options = gallery.table_uri(name), gallery.options
-        where = gallery_filter(wl["model_id"], wl["purpose"])
-        parts = 1 if engine == "local" else int(settings.ray_num_cpus or 2)
-        units = plan_units(uri, version, where, wl["top_k"], settings.match_block_rows, settings.device, parts, options)
-        if method == "ivf_pq":
-            top, extra = _approximate(table, version, units, vectors, where, wl["top_k"], nprobes, refine)
-        else:
-            for partial in _partials(settings, engine, units, vectors):
-                top.merge(partial)
-        meta = _metadata(uri, version, name, top.all_rowids(), options)
-    rows = _result_rows(wl, probes, top, meta, run_id, version, now)
+    weights: tuple[str, ...] = ()
+    if plan.mode == "delta":
+        assert plan.delta is not None and plan.parent_rows is not None
+        lists = [merge(old, new, k) for old, new in zip(plan.parent_rows, plan.delta, strict=True)]
+        weights = plan.gallery_weights or ()
+    else:
+        lists = [[] for _ in probes]
+        if pinned is not None and len(probes):
+            units = plan_units(
+                pinned.uri,
+                version,
+                where,
+                k,
+                settings.match_block_rows,
+                settings.device,
+                1 if runner.name == "local" else int(settings.ray_num_cpus or 2),
+                pinned.options,
+            )
+            if method == "ivf_pq":
+                table = Gallery(settings.storage).open(name)
+                top, extra = _approximate(table, version, units, vectors, where, k, nprobes, refine)
+            else:
+                top = TopK(len(probes), k)
+                for partial in _partials(runner, units, vectors):
+                    top.merge(partial)
+            lists = ranked_candidates(pinned, top, probes, k)
+            weights = tuple(sorted(model_weights(weights_of(pinned, f"model_id IN {sql_list([wl['model_id']])}"))))
+        lists = [with_history(ranked, first_seen_of(plan)) for ranked in lists]
+    rows = result_rows(wl, probes, lists, run_id, version, now)
+    new = rows.filter(pc.field("new_since_parent"))
     manifest = {
         "run_id": run_id,
-        "watchlist_id": watchlist_id,
+        "watchlist_id": wl["watchlist_id"],
         "case_id": wl["case_id"],
         "purpose": wl["purpose"],
         "model_id": wl["model_id"],
         "threshold": float(wl["threshold"]),
-        "top_k": int(wl["top_k"]),
+        "top_k": k,
         "gallery_table": name,
         "gallery_version": version,
         "matched_at": now.isoformat(),
-        "engine": engine,
+        "engine": runner.name,
         "method": method,
         "probes": len(probes),
         "candidates": rows.num_rows,
-        "above_threshold": int(np.sum(rows.column("above_threshold").to_numpy(zero_copy_only=False))),
+        "above_threshold": _count(rows.column("above_threshold")),
         "filter_kernel": _kernel(len(probes), settings.device),
-        "audit_head": audit_head,
+        "mode": plan.mode,
+        "full_reason": plan.full_reason,
+        "parent_run_id": plan.parent["run_id"] if plan.parent else None,
+        "from_version": plan.from_version,
+        "to_version": version,
+        "new_candidates": new.num_rows,
+        "new_above_threshold": _count(new.column("above_threshold")),
+        "probes_digest": probes_digest([p["probe_id"] for p in probes], vectors, str(wl["weights_digest"])),
+        "gallery_filter": where,
+        "gallery_weights": list(weights),
+        "delta_basis": DELTA_BASIS,
     }
-    manifest |= extra
-    path = write_result_set(settings.store, watchlist_id, run_id, rows, manifest)
-    return manifest | {"path": str(path), "inputs_digest": digest([p["probe_id"] for p in probes])}
+    return manifest | extra | {"rows": rows}
+
+
+def _count(column: Any) -> int:
+    return int(np.sum(column.to_numpy(zero_copy_only=False))) if len(column) else 0
+
+
+def first_seen_of(plan: RunPlan) -> dict[tuple[str, str], str]:
+    """(probe id, gallery id) -> the run that first listed it, from the parent's rows."""
+    if plan.parent_rows is None:
+        return {}
+    return {(c.probe_id, c.gallery_id): str(c.first_seen_run_id) for lst in plan.parent_rows for c in lst}
 
 
 def _kernel(probes: int, device: str) -> str:
@@ -190,59 +333,95 @@ def _approximate(
     }
 
 
-def _partials(settings: Settings, engine: MatchEngine, units: list[MatchUnit], vectors: np.ndarray) -> list[TopK]:
-    return open_engine(engine, EngineOptions.from_settings(settings)).match(units, vectors)
+def _partials(runner: Engine, units: list[MatchUnit], vectors: np.ndarray) -> list[TopK]:
+    """Every unit's partial top-k, from the engine (one step of the benchmark's breakdown)."""
+    return runner.match(units, vectors)
 
 
-def _metadata(
-    uri: str, version: int, name: str, rowids: np.ndarray, options: dict[str, str]
-) -> dict[int, dict[str, Any]]:
-    import lance
-
+def metadata(table: PinnedTable, rowids: np.ndarray) -> dict[int, dict[str, Any]]:
+    """Row id -> what a result row names (gallery id, image, record, source, subject), at the pinned version."""
     if len(rowids) == 0:
         return {}
-    id_col = "face_id" if name == "faces" else "embedding_id"
-    columns = [id_col, "image_id", "record_id", "source_id", "subject_id"]
-    table = lance.dataset(uri, version=version, storage_options=options or None)._take_rows(
-        rowids.tolist(), columns=columns
-    )
-    rows = table.to_pylist()
-    return {int(r): row | {"gallery_id": row[id_col]} for r, row in zip(rowids.tolist(), rows, strict=True)}
+    columns = [table.id_column, "image_id", "record_id", "source_id", "subject_id"]
+    rows = table.dataset()._take_rows(rowids.tolist(), columns=columns).to_pylist()
+    return {int(r): row | {"gallery_id": row[table.id_column]} for r, row in zip(rowids.tolist(), rows, strict=True)}
 
 
-def _result_rows(
+def ranked_candidates(table: PinnedTable, top: TopK, probes: list[dict[str, Any]], k: int) -> list[list[Candidate]]:
+    """Per probe, its top k by (score desc, gallery id asc), named from the table."""
+    meta = metadata(table, top.all_rowids())
+    ids = {rowid: m["gallery_id"] for rowid, m in meta.items()}
+    out = []
+    for row, probe in enumerate(probes):
+        out.append(
+            [
+                Candidate(
+                    probe_id=probe["probe_id"],
+                    gallery_id=meta[rowid]["gallery_id"],
+                    score=float(np.float32(score)),
+                    image_id=meta[rowid]["image_id"],
+                    record_id=meta[rowid]["record_id"],
+                    source_id=meta[rowid]["source_id"],
+                    subject_id=meta[rowid]["subject_id"],
+                )
+                for score, rowid in ranked(top, row, ids, k)
+            ]
+        )
+    return out
+
+
+def candidates_of(rows: pa.Table, probes: list[dict[str, Any]], k: int) -> list[list[Candidate]]:
+    """A result set's rows as per-probe candidate lists (rank <= k), each with the run it was first seen in."""
+    by_probe: dict[str, list[Candidate]] = {p["probe_id"]: [] for p in probes}
+    for r in rows.sort_by([("probe_id", "ascending"), ("rank", "ascending")]).to_pylist():
+        if r["probe_id"] in by_probe and r["rank"] <= k:
+            by_probe[r["probe_id"]].append(
+                Candidate(
+                    probe_id=r["probe_id"],
+                    gallery_id=r["gallery_id"],
+                    score=float(np.float32(r["score"])),
+                    image_id=r["image_id"],
+                    record_id=r["record_id"],
+                    source_id=r["source_id"],
+                    subject_id=r["subject_id"],
+                    first_seen_run_id=r.get("first_seen_run_id") or r["run_id"],
+                )
+            )
+    return [by_probe[p["probe_id"]] for p in probes]
+
+
+def result_rows(
     wl: dict[str, Any],
     probes: list[dict[str, Any]],
-    top: TopK,
-    meta: dict[int, dict[str, Any]],
+    lists: list[list[Candidate]],
     run_id: str,
     version: int,
     now: dt.datetime,
 ) -> pa.Table:
-    ids = {rowid: m["gallery_id"] for rowid, m in meta.items()}
     threshold = np.float32(wl["threshold"])
     out: list[dict[str, Any]] = []
-    for row, probe in enumerate(probes):
-        for rank, (score, rowid) in enumerate(ranked(top, row, ids, wl["top_k"]), start=1):
-            m = meta[rowid]
+    for probe, candidates in zip(probes, lists, strict=True):
+        for rank, c in enumerate(candidates, start=1):
             out.append(
                 {
                     "run_id": run_id,
                     "watchlist_id": wl["watchlist_id"],
                     "case_id": wl["case_id"],
                     "probe_id": probe["probe_id"],
-                    "subject_id": m["subject_id"],
+                    "subject_id": c.subject_id,
                     "rank": rank,
-                    "gallery_id": m["gallery_id"],
-                    "image_id": m["image_id"],
-                    "record_id": m["record_id"],
-                    "source_id": m["source_id"],
-                    "score": np.float32(score),
-                    "above_threshold": bool(np.float32(score) >= threshold),
+                    "gallery_id": c.gallery_id,
+                    "image_id": c.image_id,
+                    "record_id": c.record_id,
+                    "source_id": c.source_id,
+                    "score": np.float32(c.score),
+                    "above_threshold": bool(np.float32(c.score) >= threshold),
                     "model_id": wl["model_id"],
                     "gallery_version": version,
                     "matched_at": now,
                     "review_status": "unreviewed",
+                    "new_since_parent": c.first_seen_run_id is None,
+                    "first_seen_run_id": c.first_seen_run_id or run_id,
                 }
             )
     return pa.Table.from_pylist(out, schema=RESULT_SCHEMA)

@@ -16,8 +16,11 @@ def list_result_sets(settings: Settings) -> list[dict[str, Any]]:
     return list_runs(settings.store)
 
 
-def show_result_set(settings: Settings, run_id: str, limit: int, requested_by: str | None = None) -> dict[str, Any]:
-    """A run's manifest and the candidates of rank <= `limit` of each probe, review status joined in.
+def show_result_set(
+    settings: Settings, run_id: str, limit: int, requested_by: str | None = None, new_only: bool = False
+) -> dict[str, Any]:
+    """A run's manifest and the candidates of rank <= `limit` of each probe, review status joined in;
+    `new_only`: only those new since the run's parent run (`new_since_parent`).
 
     Showing candidates names gallery images to a person, so it is audited like an export: who looked at
     which run, for which case, and how many candidates were shown (`results.show`, intent then outcome)."""
@@ -28,8 +31,11 @@ def show_result_set(settings: Settings, run_id: str, limit: int, requested_by: s
         "purpose": manifest.get("purpose"),
         "watchlist_id": manifest["watchlist_id"],
     }
-    with AuditLog.of(settings).action(actor, "results.show", run_id=run_id, limit=limit, **fields) as op:
+    with AuditLog.of(settings).action(
+        actor, "results.show", run_id=run_id, limit=limit, new_only=new_only, **fields
+    ) as op:
         table = read_run(settings.store, manifest)
-        rows = with_reviews(settings, [r for r in table.to_pylist() if r["rank"] <= limit])
+        shown = [r for r in table.to_pylist() if r["rank"] <= limit and (r["new_since_parent"] or not new_only)]
+        rows = with_reviews(settings, shown)
         op.record(counts={"candidates_shown": len(rows)})
     return manifest | {"candidates_shown": rows}

@@ -16,6 +16,7 @@ from pipelines.decode import DecodeLimits
 from pipelines.errors import Refused
 from pipelines.models import face_spec, image_spec
 from pipelines.probes import PhotoModels, ProbeModality, probes_from_embeddings, probes_from_photos
+from pipelines.schemas import WATCHLISTS, to_arrow
 from pipelines.settings import Settings
 from pipelines.shards import check_id
 from pipelines.sql import sql_list
@@ -133,6 +134,35 @@ def _submit(
     }
     store_watchlist(gallery, record, probes.rows, probes.vectors)
     return record, probes
+
+
+def amend(
+    settings: Settings, watchlist_id: str, requested_by: str, top_k: int | None = None, threshold: float | None = None
+) -> dict[str, Any]:
+    """Change an open watchlist's top K or threshold (`gallerymatch watchlist amend`), audited with both values.
+
+    Its next nightly run follows: a lower K or another threshold extends the last run (truncated, re-flagged);
+    a higher K needs the whole gallery again (a full run)."""
+    from lance_tables.watchlists import get_watchlist
+
+    check_id("requester id", requested_by)
+    if top_k is None and threshold is None:
+        raise Refused("nothing to amend: give --top-k and/or --threshold")
+    with writer_session(settings, "watchlist.amend") as log:
+        gallery = Gallery(settings.storage)
+        record = get_watchlist(gallery, watchlist_id)
+        if record["status"] != "open":
+            raise Refused(f"watchlist {watchlist_id} is {record['status']}; only open watchlists are amended")
+        new_k = int(record["top_k"]) if top_k is None else top_k
+        new_t = float(record["threshold"]) if threshold is None else threshold
+        _check_numbers(new_k, new_t)
+        fields = {k: record[k] for k in ("case_id", "purpose", "watchlist_id")}
+        before = {"top_k": int(record["top_k"]), "threshold": float(record["threshold"])}
+        after = {"top_k": new_k, "threshold": new_t}
+        with log.action(requested_by, "watchlist.amend", **fields, before=before, after=after):
+            record |= after
+            gallery.upsert("watchlists", to_arrow([record], WATCHLISTS))
+    return {k: v for k, v in record.items() if k != "weights_digest"}
 
 
 def _check_numbers(top_k: int, threshold: float) -> None:

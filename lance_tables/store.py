@@ -7,8 +7,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipelines.delta import DELTA_BASIS
 from pipelines.errors import Refused
-from pipelines.schemas import FIXED, KEYS, image_embeddings_schema
+from pipelines.schemas import FIXED, GALLERY_TABLES, KEYS, image_embeddings_schema
 from pipelines.storage import Storage
 
 
@@ -60,11 +61,19 @@ class Gallery:
         return table
 
     def upsert(self, name: str, rows: pa.Table, scope: str | None = None) -> None:
-        """Keyed insert-or-update in one commit; rows matching `scope` but absent from `rows` are deleted."""
+        """Keyed insert-or-update in one commit; rows matching `scope` but absent from `rows` are deleted.
+
+        Rows of the gallery tables are stamped with the version the commit starts from (`DELTA_BASIS`, see
+        `pipelines.delta`): the nightly finds what was written since a run by it. Callers hold the writer
+        lease, so no other commit comes between the stamp and this one."""
         if rows.num_rows == 0 and scope is None:
             return
+        if name in GALLERY_TABLES:
+            rows = _stamped(rows)
         table = self.ensure(name, rows.schema)
         _add_missing_columns(table, rows.schema)
+        if name in GALLERY_TABLES:
+            rows = _stamped(rows, int(table.version))
         merge = table.merge_insert(KEYS[name]).when_matched_update_all().when_not_matched_insert_all()
         if scope is not None:
             merge = merge.when_not_matched_by_source_delete(scope)
@@ -88,6 +97,14 @@ class Gallery:
         if columns:
             query = query.select(columns)
         return query.limit(None).to_arrow()
+
+
+def _stamped(rows: pa.Table, version: int | None = None) -> pa.Table:
+    """`rows` with the write stamp column set to `version` (null until the version is known)."""
+    stamp = pa.array([version] * rows.num_rows, pa.int64())
+    if DELTA_BASIS in rows.column_names:
+        return rows.set_column(rows.column_names.index(DELTA_BASIS), pa.field(DELTA_BASIS, pa.int64()), stamp)
+    return rows.append_column(pa.field(DELTA_BASIS, pa.int64()), stamp)
 
 
 def _add_missing_columns(table: Any, schema: pa.Schema) -> None:

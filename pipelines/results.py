@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from pipelines import storage as area
 from pipelines.faults import crash_point
 from pipelines.objectstore import ObjectStore
-from pipelines.schemas import RESULT_SCHEMA
+from pipelines.schemas import RESULT_SCHEMA, conform
 from pipelines.storage import Storage
 
 NOTICE = "Candidate list for human review; not an identification."
@@ -55,7 +55,7 @@ def write_result_set(
     """Create the parts, then the manifest (the commit). Rerunning a crashed write of the same generation
     replaces its parts; a generation whose manifest exists is never written again."""
     key = RunKey(watchlist_id, run_id)
-    table = table.cast(RESULT_SCHEMA)
+    table = conform(table, RESULT_SCHEMA)  # a rewrite of an older run gains the newer (null) columns
     kv = {k: str(v) for k, v in meta.items()} | {"notice": NOTICE}
     parts = []
     for index, start in enumerate(range(0, max(table.num_rows, 1), PART_ROWS)):
@@ -140,7 +140,7 @@ def read_run(store: ObjectStore, manifest: dict[str, Any]) -> pa.Table:
         data = store.read(name)
         if data is None:
             raise FileNotFoundError(f"part {name} of result set {manifest['run_id']} is missing")
-        tables.append(pq.read_table(pa.BufferReader(data)))
+        tables.append(conform(pq.read_table(pa.BufferReader(data)), RESULT_SCHEMA))
     return pa.concat_tables(tables) if tables else RESULT_SCHEMA.empty_table()
 
 
@@ -183,7 +183,20 @@ def scan_results(storage: Storage) -> Any:
     files = [store.location(name) for m in list_runs(store) for name in part_keys(m)]
     if not files:
         return pl.DataFrame(pl.from_arrow(RESULT_SCHEMA.empty_table())).lazy()
-    return pl.scan_parquet(files, hive_partitioning=True, storage_options=storage.polars_options)
+    return pl.scan_parquet(
+        files,
+        hive_partitioning=True,
+        storage_options=storage.polars_options,
+        schema=_polars_schema(),
+        missing_columns="insert",  # result sets written before a nullable column was declared
+    )
+
+
+def _polars_schema() -> Any:
+    """RESULT_SCHEMA as Polars dtypes (the file columns; the hive columns are added by the scan)."""
+    import polars as pl
+
+    return pl.DataFrame(pl.from_arrow(RESULT_SCHEMA.empty_table())).schema
 
 
 def load_run(store: ObjectStore, run_id: str) -> pa.Table:

@@ -59,6 +59,9 @@ def _provenance_fields() -> list[pa.Field]:
         pa.field("origin", pa.string(), nullable=False),  # "detected" | "embedded" | "imported"
         pa.field("shard_key", pa.string(), nullable=False),
         pa.field("ingested_at", TS, nullable=False),
+        # The table version the commit that wrote this row started from (set by Gallery.upsert; null for rows
+        # written before the column existed): rows with a stamp >= v were written after version v.
+        pa.field("written_after_version", pa.int64()),
     ]
 
 
@@ -214,8 +217,13 @@ RESULT_SCHEMA = pa.schema(
         pa.field("gallery_version", pa.int64(), nullable=False),
         pa.field("matched_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("review_status", pa.string(), nullable=False),
+        # Null in result sets written before nightly runs existed.
+        pa.field("new_since_parent", pa.bool_()),  # the pair (probe, gallery row) was not in the parent run
+        pa.field("first_seen_run_id", pa.string()),  # the first run of this watchlist that listed the pair
     ]
 )
+
+GALLERY_TABLES = ("faces", "image_embeddings")  # the tables matched against (rows stamped on write)
 
 KEYS = {
     "sources": "source_id",
@@ -251,4 +259,18 @@ def to_arrow(rows: list[dict[str, Any]], schema: pa.Schema, vectors: np.ndarray 
         pa.array(base[n], schema.field(n).type) if n != "vector" else pa.FixedSizeListArray.from_arrays(flat, dim)
         for n in schema.names
     ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A table read from an older file, brought to the declared schema: missing nullable columns added as
+    nulls, columns in declared order, types cast. A missing required column is an error."""
+    columns = []
+    for field in schema:
+        if field.name in table.column_names:
+            columns.append(table.column(field.name).cast(field.type))
+        elif field.nullable:
+            columns.append(pa.nulls(table.num_rows, field.type))
+        else:
+            raise ValueError(f"column {field.name!r} is missing")
     return pa.Table.from_arrays(columns, schema=schema)

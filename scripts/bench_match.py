@@ -268,8 +268,8 @@ PHASES = (  # (module, attribute, label): timed by wrapping, in the child only
     ("pipelines.matcher", "_survivors", "survivors"),
     ("pipelines.matcher", "exact_scores", "rescore"),
     ("pipelines.matcher", "TopK.add", "TopK.add"),
-    ("jobs.match", "_metadata", "metadata take"),
-    ("jobs.match", "_result_rows", "result rows"),
+    ("jobs.match", "metadata", "metadata take"),
+    ("jobs.match", "result_rows", "result rows"),
     ("jobs.match", "write_result_set", "Parquet write"),
     ("jobs.match", "plan_units", "plan units"),  # not in the phase table (it is in `other` there)
 )

@@ -149,9 +149,13 @@ def test_local_and_ray_give_identical_result_sets(gallery, tmp_path: Path) -> No
     local = load_run(settings.store, run_match(settings, wid, "local")["run_id"])
     ray = load_run(settings.store, run_match(settings, wid, "ray")["run_id"])
     again = load_run(settings.store, run_match(settings, wid, "local")["run_id"])
-    stable = [c for c in RESULT_SCHEMA.names if c not in ("run_id", "matched_at")]
+    run_only = ("run_id", "matched_at", "new_since_parent", "first_seen_run_id")
+    stable = [c for c in RESULT_SCHEMA.names if c not in run_only]
     assert local.select(stable).equals(ray.select(stable))
     assert local.select(stable).equals(again.select(stable))  # a rerun gives identical rows
+    assert all(local.column("new_since_parent").to_pylist())  # the first run: everything is new
+    assert not any(ray.column("new_since_parent").to_pylist())  # the same candidates again: nothing is new
+    assert set(again.column("first_seen_run_id").to_pylist()) == set(local.column("run_id").to_pylist())
 
 
 def test_result_set_contract(gallery, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
