@@ -2,8 +2,18 @@
 
 A job opens an engine by name with plain values (`open_engine`), calls `prepare_runtime()` before it opens
 LanceDB, then hands it work: `ingest(task, items)` yields one output per shard, `match(units, probes)`
-returns one partial top-k per unit. What an engine needs to run (Ray's cluster connection, Modal's app) is
-its own business: no job imports Ray or Modal. Importing this package imports neither.
+returns one partial top-k per unit; `close()` releases what `prepare_runtime()` holds. A job that runs many
+matches (the nightly) opens one engine for all of them:
+
+    engine = open_engine(name, EngineOptions.from_settings(settings))
+    engine.prepare_runtime()
+    try:
+        ... engine.match(units, probes) ...
+    finally:
+        engine.close()
+
+What an engine needs to run (Ray's cluster connection, Modal's app) is its own business: no job imports Ray
+or Modal. Importing this package imports neither.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from pipelines.embed import ShardOutput
+    from pipelines.engines.modal import ModalSession
     from pipelines.match_unit import MatchUnit
     from pipelines.matcher import TopK
     from pipelines.settings import Settings
@@ -56,14 +67,20 @@ class Engine(Protocol):
 
     def match(self, units: list[MatchUnit], probes: np.ndarray) -> list[TopK]: ...
 
+    def close(self) -> None:
+        """Release what `prepare_runtime()` holds; the engine may be prepared again. Safe to call twice."""
+
 
 class _EngineBase:
-    """What every engine shares: its options, and no runtime to start unless it says otherwise."""
+    """What every engine shares: its options, and no runtime to start or release unless it says otherwise."""
 
     def __init__(self, options: EngineOptions | None = None):
         self.options = options or EngineOptions()
 
     def prepare_runtime(self) -> None:
+        return None
+
+    def close(self) -> None:
         return None
 
 
@@ -84,7 +101,10 @@ class LocalEngine(_EngineBase):
 
 
 class RayEngine(_EngineBase):
-    """Ray Data / Ray tasks on a local Ray (started here) or the cluster at `ray_address`."""
+    """Ray Data / Ray tasks on a local Ray (started here) or the cluster at `ray_address`.
+
+    `close()` leaves Ray up: a connection or a local Ray serves the whole process (a later `prepare_runtime()`
+    finds it), and Ray shuts it down when the process exits."""
 
     name = "ray"
 
@@ -106,17 +126,37 @@ class RayEngine(_EngineBase):
 
 
 class ModalEngine(_EngineBase):
-    """Modal containers (the app is defined in pipelines/engines/modal.py), run per ingest: nothing to start."""
+    """Modal containers (the app and workers are defined in pipelines/engines/modal.py).
+
+    `prepare_runtime()` starts one ephemeral run of the app and keeps it until `close()`: every ingest and
+    match in between uses it (one start-up for a night's matches). Without it, each call runs its own."""
 
     name = "modal"
+
+    def __init__(self, options: EngineOptions | None = None):
+        super().__init__(options)
+        self._session: ModalSession | None = None  # the app run prepare_runtime() holds
+
+    def prepare_runtime(self) -> None:
+        if self._session is None:
+            from pipelines.engines.modal import ModalSession
+
+            self._session = ModalSession()
+
+    def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()
 
     def ingest(self, task: IngestTask, items: list[WorkItem]) -> Iterator[ShardOutput]:
         from pipelines.engines.modal import run_modal
 
-        return run_modal(task, items)
+        return run_modal(task, items, self._session)
 
     def match(self, units: list[MatchUnit], probes: np.ndarray) -> list[TopK]:
-        raise Refused("the modal engine runs ingest only; match with --engine local or --engine ray")
+        from pipelines.engines.modal import match_modal
+
+        return match_modal(units, probes, self._session)
 
 
 ENGINES: dict[str, type[LocalEngine] | type[RayEngine] | type[ModalEngine]] = {
