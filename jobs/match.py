@@ -84,8 +84,7 @@ def run_match(
                     f"watchlist {watchlist_id} expired on {wl['expires_at']:%Y-%m-%d}; it is no longer matched"
                 )
             probes, vectors = read_probes(gallery, watchlist_id)
-            parent = latest_runs(settings.store).get(watchlist_id)
-            plan = RunPlan("full", None, parent, None)
+            plan = full_plan(settings.store, latest_runs(settings.store).get(watchlist_id), probes, None)
             return match_watchlist(
                 settings, gallery, runner, log, wl, probes, vectors, now, plan, method, nprobes, refine
             )

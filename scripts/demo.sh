@@ -60,7 +60,18 @@ $GM results list
 step "9. what a data team sees: all result sets as one Polars LazyFrame"
 $PY scripts/demo_summary.py
 
-step "10. who searched for what and why: the audit trail (intent before, outcome after), signed and verified"
+step "10. the nightly re-match: retention, then each open watchlist against what the gallery gained since its last run"
+$GM nightly   # nothing was added since step 8: the watchlist is up to date and gets no new run
+mkdir -p "$DATA/later"
+$PY -c "import sys; from PIL import Image, ImageOps; ImageOps.mirror(Image.open(sys.argv[1])).save(sys.argv[2], quality=92)" \
+  "$DATA/images/people/group-of-three.jpg" "$DATA/later/group-of-three-mirrored.jpg"
+$GM pack "$DATA/later" "$DATA/shards-later" --source demo-archive --minor-default false
+$GM ingest "$DATA/shards-later" --engine local --face-model "$FACE_MODEL" --image-model "$IMAGE_MODEL"
+$GM nightly   # a delta run: only the new rows are scanned, merged exactly with the last run's candidates
+NEW_RUN=$($GM results list --json | $PY -c "import json,sys; print(json.load(sys.stdin)['runs'][0]['run_id'])")
+$GM results show "$NEW_RUN" --new --requested-by analyst-demo
+
+step "11. who searched for what and why: the audit trail (intent before, outcome after), signed and verified"
 $GM audit show --case-id DEMO-CASE-1
 CHECKPOINT="$DATA/checkpoints/demo-$(date -u +%Y%m%dT%H%M%S)-$$.json"
 $GM audit checkpoint --to "$CHECKPOINT"

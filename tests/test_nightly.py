@@ -26,6 +26,7 @@ from jobs.erase import erase
 from jobs.import_embeddings import run_import
 from jobs.match import run_match
 from jobs.nightly import run_nightly
+from jobs.session import writer_session
 from jobs.watchlist import Submission, amend, submit
 from lance_tables.store import Gallery
 from pipelines.audit import AuditLog
@@ -50,9 +51,9 @@ def signs(n: int, seed: int) -> np.ndarray:
 class World:
     """A home plus an independent model of what its gallery holds (the oracle's view)."""
 
-    def __init__(self, root: Path, **settings: Any):
+    def __init__(self, root: Path, settings: Settings | None = None):
         self.root = root
-        self.settings: Settings = make_settings(root / "home", match_block_rows=5, **settings)
+        self.settings: Settings = settings or make_settings(root / "home", match_block_rows=5)
         register(self.settings)
         self.rows: dict[str, tuple[np.ndarray, bool, str]] = {}  # gallery id -> (vector, minor, subject)
         self.files = 0
@@ -306,16 +307,14 @@ def test_every_fall_back_the_gallery_can_cause(tmp_path: Path) -> None:
     amend(world.settings, wid, "analyst-1", top_k=5)
     assert night()["full_reason"] == "top_k_raised"
 
-    gallery = Gallery(world.settings.storage)
-    table = gallery.read("image_embeddings", where=f"embedding_id = '{world.gid('r1')}'")
-    gallery.upsert(
-        "image_embeddings",
-        table.set_column(
-            table.column_names.index("weights_digest"), "weights_digest", pa.array(["sha256:other-weights"])
-        ),
-    )
-    first = night()
-    assert first["full_reason"] == "weights_changed" or first["full_reason"] == "gallery_changed"
+    listed = {g for pairs in rows_of(world.settings, latest(world.settings, wid)["run_id"]).values() for _, g in pairs}
+    outside = sorted(set(world.rows) - listed)[0]  # not a candidate: only its weights make the merge unsafe
+    with writer_session(world.settings, "test"):
+        gallery = Gallery(world.settings.storage)
+        table = gallery.read("image_embeddings", where=f"embedding_id = '{outside}'")
+        column = table.column_names.index("weights_digest")
+        gallery.upsert("image_embeddings", table.set_column(column, "weights_digest", pa.array(["sha256:other"])))
+    assert night()["full_reason"] == "weights_changed"
     world.put(["x2"], signs(1, 41), [False], ["sy"])
     assert night()["mode"] == "delta"  # tracked again from the full run
 
@@ -469,3 +468,16 @@ def test_new_candidates_are_marked_shown_and_queryable(tmp_path: Path) -> None:
     assert fresh.filter(pl.col("new_since_parent")).height == 1
     records = [r for r in AuditLog.of(world.settings).records() if r["action"] == "match" and r["phase"] == "intent"]
     assert records[-1]["mode"] == "delta" and records[-1]["from_version"] == run["from_version"]
+
+
+def test_the_nightly_on_an_s3_home(s3_settings: Settings, tmp_path: Path) -> None:
+    """The same night on object storage: delta found through the stamps, merged exactly, a rerun writes nothing."""
+    world = World(tmp_path, s3_settings)
+    world.put([f"r{i}" for i in range(20)], signs(20, 1), [False] * 20, ["s"] * 20)
+    wid = world.watch(signs(3, 2), top_k=4)
+    assert by_watchlist(run_nightly(world.settings))[wid]["full_reason"] == "first_run"
+    world.put([f"n{i}" for i in range(6)], signs(6, 3), [False] * 6, ["s"] * 6)
+    night = by_watchlist(run_nightly(world.settings))[wid]
+    assert night["mode"] == "delta" and night["path"].startswith("s3://")
+    assert rows_of(world.settings, night["run_id"]) == world.expected(wid, 4, False)
+    assert run_nightly(world.settings)["runs"] == []
