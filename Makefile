@@ -5,7 +5,7 @@ PY := .venv/bin/python
 # Ray must not rebuild the environment from project metadata in its workers (see ../shared/guide/environment.md).
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: install demo test lint format bench bench-match clean
+.PHONY: install demo test lint format bench bench-match bench-nightly clean
 
 install:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -32,6 +32,9 @@ bench: install
 bench-match: install
 	@if command -v uv >/dev/null 2>&1; then uv sync --locked --group bench; else python3 -m uv sync --locked --group bench; fi
 	$(PY) scripts/bench_match.py
+
+bench-nightly: install
+	$(PY) scripts/bench_nightly.py
 
 clean:
 	rm -rf .gallerymatch demo-data .pytest_cache .mypy_cache .ruff_cache
