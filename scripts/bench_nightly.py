@@ -280,8 +280,14 @@ def instrumented() -> Iterator[Probe]:
             setattr(module, name, original)
 
 
+def say(text: str) -> None:
+    """Progress, on stderr (the section goes to stdout)."""
+    print(f"[{dt.datetime.now():%H:%M:%S}] {text}", file=sys.stderr, flush=True)
+
+
 def measure(label: str, settings: Settings, probe: Probe, fn: Callable[[], Any]) -> tuple[Any, Step]:
     """One step, timed, with its peak RSS, its phases, its scans and the result sets it wrote."""
+    say(f"{label} ...")
     before_sets = len(list_runs(settings.store))
     probe.take()
     reset_peak()
@@ -291,6 +297,7 @@ def measure(label: str, settings: Settings, probe: Probe, fn: Callable[[], Any])
     spent, calls, scans = probe.take()
     step = Step(label, seconds, rss, peak, phases=spent, calls=calls, scans=scans)
     step.result_sets = len(list_runs(settings.store)) - before_sets
+    say(f"{label}: {seconds:.2f} s")
     return value, step
 
 
@@ -437,7 +444,9 @@ def run(args: argparse.Namespace) -> Results:
             from pipelines.engines.ray import start_ray
 
             _, res.ray_start_s = timed(lambda: start_ray(settings.ray_address, settings.ray_num_cpus))
+        say(f"building a gallery of {args.gallery:,} rows ...")
         base, res.build_s = timed(lambda: build_gallery(settings, args.gallery, args.chunk, wanted))
+        say(f"gallery built in {res.build_s:.1f} s; submitting {args.watchlists} watchlists ...")
         appended = chunk_vectors(args.gallery, args.appended)  # written before night 2
         folder = root / "probes"
         folder.mkdir()
@@ -452,7 +461,7 @@ def run(args: argparse.Namespace) -> Results:
             summary, res.steps["delta"] = night_step("night 2", settings, probe, args.engine)
             _, res.steps["nothing_new"] = night_step("night 3", settings, probe, args.engine)
             (runs, per), res.steps["full"] = measure(
-                "full", settings, probe, lambda: full_rematch(settings, ids, args.engine)
+                "full re-match", settings, probe, lambda: full_rematch(settings, ids, args.engine)
             )
             res.full.runs, res.full.per_watchlist = len(runs), per
             res.full.modes = {"full (run_match)": len(runs)}
