@@ -194,7 +194,7 @@ def score_block(
         lowest = np.full(len(floor), np.inf)
         np.minimum.at(lowest, seed_q, seeded.astype(np.float64))
         floor = np.where(np.isinf(lowest), floor, np.maximum(floor, lowest))
-    qi, gi = _survivors(approx, _cutoffs(unit, floor - bound, approx.dtype.is_floating_point))
+    qi, gi = _survivors(approx, _cutoffs(unit, floor - bound, approx.dtype.is_floating_point), probes)
     return qi, exact_scores(probes.exact, gallery, qi, gi), rowids[gi]
 
 
@@ -207,8 +207,12 @@ def _seed(approx: Any, floor: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarra
     if len(cold) == 0 or approx.shape[1] < k:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     rows = torch.from_numpy(cold).to(approx.device)
-    cols = torch.topk(approx[rows], k, dim=1).indices.cpu().numpy().astype(np.int64)
-    return np.repeat(cold, k), cols.reshape(-1)
+    if _by_column(approx):  # the (B, Q) product in memory: top k down its columns (~2x faster than gathering rows)
+        product = approx.T
+        best = torch.topk(product if len(cold) == product.shape[1] else product[:, rows], k, dim=0).indices.T
+    else:
+        best = torch.topk(approx[rows], k, dim=1).indices
+    return np.repeat(cold, k), best.cpu().numpy().astype(np.int64).reshape(-1)
 
 
 def filter_product(probes: ProbeSet, gallery: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -235,8 +239,10 @@ def filter_product(probes: ProbeSet, gallery: np.ndarray) -> tuple[Any, np.ndarr
         tf32 = probes.device != "cpu" and bool(torch.backends.cuda.matmul.allow_tf32)
         gamma = d * EPS32 / (1 - d * EPS32) + (2 * EPS_TF32 if tf32 else 0.0)
         bound = gamma * probes.norm * gmax + rounding + SLACK
-        out = probes.buffer("scores", (len(probes.exact), rows), torch.float32)
-        return torch.mm(probes.tensor, block.T, out=out), np.ones(len(probes.exact)), bound
+        # (rows, Q) in memory, returned as its (Q, rows) transposed view: BLAS runs this orientation ~15% faster
+        # on an AVX2 EPYC (measured), and the bound holds for any order of summation
+        out = probes.buffer("scores", (rows, len(probes.exact)), torch.float32)
+        return torch.mm(block, probes.tensor.T, out=out).T, np.ones(len(probes.exact)), bound
     assert probes.scale is not None and probes.l1 is not None and probes.resid is not None
     low, high = torch.aminmax(block)
     peak = max(-float(low), float(high))
@@ -259,19 +265,34 @@ def _cutoffs(unit: np.ndarray, need: np.ndarray, floating: bool) -> np.ndarray:
     return np.floor(cut) - 1
 
 
-def _survivors(approx: Any, cut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(probe, column) of every pair at or above its probe's cutoff: one compare pass over the block."""
+def _survivors(approx: Any, cut: np.ndarray, probes: ProbeSet | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(probe, column) of every pair at or above its probe's cutoff, by probe then column: one compare pass
+    over the block, into a boolean buffer reused from block to block (`probes`) where there is one."""
     import torch
 
     if approx.dtype.is_floating_point:
         limits = np.clip(cut, -3e38, 3e38).astype(np.float32)
     else:
         limits = np.clip(cut, -(2**31), 2**31 - 1).astype(np.int64).astype(np.int32)
-    if approx.device.type == "cpu":  # numpy's compare and flatnonzero are the fast ones on CPU
-        q, c = np.divmod(np.flatnonzero(approx.numpy() >= limits[:, None]), approx.shape[1])
-        return q.astype(np.int64), c.astype(np.int64)
-    hits = (approx >= torch.from_numpy(limits).to(approx.device)[:, None]).nonzero()
-    return hits[:, 0].cpu().numpy().astype(np.int64), hits[:, 1].cpu().numpy().astype(np.int64)
+    if approx.device.type != "cpu":
+        hits = (approx >= torch.from_numpy(limits).to(approx.device)[:, None]).nonzero()
+        return hits[:, 0].cpu().numpy().astype(np.int64), hits[:, 1].cpu().numpy().astype(np.int64)
+    # numpy's compare and flatnonzero are the fast ones on CPU; a fresh (Q, B) mask per block costs page faults
+    by_column = _by_column(approx)
+    values = approx.T.numpy() if by_column else approx.numpy()
+    wide = limits[None, :] if by_column else limits[:, None]
+    mask = None if probes is None else probes.buffer("hits", values.shape, torch.bool).numpy()
+    flat = np.flatnonzero(np.greater_equal(values, wide, out=mask))
+    major, minor = np.divmod(flat, values.shape[1])
+    if not by_column:
+        return major.astype(np.int64), minor.astype(np.int64)
+    order = np.argsort(minor, kind="stable")  # (column, probe) order to (probe, column): as the (Q, B) layout
+    return minor[order].astype(np.int64), major[order].astype(np.int64)
+
+
+def _by_column(approx: Any) -> bool:
+    """Whether the (Q, B) filter product is the transposed view of a (B, Q) array (the float32 filter's)."""
+    return not approx.is_contiguous() and approx.T.is_contiguous()
 
 
 def ranked(top: TopK, row: int, gallery_ids: dict[int, str], k: int) -> list[tuple[float, int]]:

@@ -132,3 +132,67 @@ def kept(top: TopK) -> list[tuple[int, float, int]]:
     """Every kept candidate as (probe, score, row id), in one canonical order."""
     rows = zip(top.probe.tolist(), top.score.tolist(), top.rowid.tolist(), strict=True)
     return sorted(rows, key=lambda r: (r[0], -r[1], r[2]))
+
+
+@pytest.mark.parametrize(("block_rows", "prefetch"), [(7, 2), (333, 2), (5000, 2), (333, 0), (333, 1)])
+def test_run_unit_reads_ahead_without_changing_a_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block_rows: int, prefetch: int
+) -> None:
+    """Several fragments, scan batches smaller and larger than a block (blocks copied into the read-ahead's
+    reused buffers, or sliced from a batch), read ahead or not: the same top-k as one brute-force pass."""
+    import lance
+
+    from pipelines import match_unit
+    from pipelines.matcher import exact_scores, unit_rows
+
+    monkeypatch.setattr(match_unit, "SCAN_BATCH", 100)
+    monkeypatch.setattr(match_unit, "PREFETCH", prefetch)
+    rng = np.random.default_rng(block_rows)
+    gallery = rng.standard_normal((1200, 16)).astype(np.float32)
+    uri = str(tmp_path / "faces.lance")
+    for start in range(0, len(gallery), 500):  # fragments of 500, 500 and 200 rows
+        part = gallery[start : start + 500]
+        table = pa.table({"vector": pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), 16)})
+        dataset = lance.write_dataset(table, uri, mode="append" if start else "create")
+    fragments = tuple(f.fragment_id for f in dataset.get_fragments())
+    probes = rng.standard_normal((6, 16)).astype(np.float32)
+    unit = MatchUnit(uri, dataset.version, fragments, "true", 4, block_rows, "cpu", "float32")
+    top = run_unit(unit, probes)
+    unit_probes = unit_rows(probes)
+    for q in range(len(probes)):
+        scores = exact_scores(unit_probes, gallery, np.full(len(gallery), q), np.arange(len(gallery)))
+        best = np.sort(scores)[::-1][3]
+        got, rowids = top.candidates(q)
+        rows = (rowids >> 32) * 500 + (rowids & 0xFFFFFFFF)  # Lance row ids: fragment << 32 | offset
+        assert sorted(rows.tolist()) == sorted(np.flatnonzero(scores >= best).tolist())
+        assert got.tolist() == sorted(scores[scores >= best].tolist(), reverse=True)
+
+
+def test_read_ahead_raises_the_readers_error_and_stops_when_left() -> None:
+    from pipelines.match_unit import _read_ahead
+
+    def failing():  # type: ignore[no-untyped-def]
+        yield 1
+        raise OSError("storage went away")
+
+    reader = _read_ahead(failing(), 2)
+    assert next(reader) == 1
+    with pytest.raises(OSError, match="storage went away"):
+        next(reader)
+
+    produced: list[int] = []
+
+    def endless():  # type: ignore[no-untyped-def]
+        for i in range(10**9):
+            produced.append(i)
+            yield i
+
+    reader = _read_ahead(endless(), 2)
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    reader.close()  # the consumer stops early: the thread ends instead of reading on
+    count = len(produced)
+    assert count <= 3 + 2 + 2
+    import time
+
+    time.sleep(0.3)
+    assert len(produced) == count

@@ -145,3 +145,27 @@ def test_worst_case_rounding_is_within_the_bound(mode: str) -> None:
     top = match(probes, gallery, 1, 2, mode)
     assert kept(top, 0) == reference(probes, gallery, 1)[0]
     assert [row for _, row in kept(top, 0)] == [2]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (37, 300)])
+def test_survivors_in_probe_then_column_order(mode: str, shape: tuple[int, int]) -> None:
+    """Whatever the product's layout in memory ((B, Q) for float32), the pairs come out as a (Q, B) scan
+    would give them, and the reused mask buffer never carries a hit over from an earlier block."""
+    from pipelines.matcher import _survivors, filter_product
+
+    q, b = shape
+    rng = np.random.default_rng(q * 1000 + b)
+    prepared = ProbeSet.build(rng.standard_normal((q, 16)).astype(np.float32), "cpu", mode)
+    for _ in range(2):  # the second block reuses the first one's buffers
+        gallery = unit_gaussian(rng, b, 16)
+        approx, _, _ = filter_product(prepared, gallery)
+        assert approx.shape == (q, b)
+        cut = np.quantile(approx.numpy().astype(np.float64), 0.7, axis=1)
+        qi, gi = _survivors(approx, cut, prepared)
+        values = approx.numpy()
+        expect_q, expect_g = np.nonzero(values >= cut.astype(values.dtype)[:, None])
+        assert qi.tolist() == expect_q.tolist() and gi.tolist() == expect_g.tolist()
+        assert qi.dtype == gi.dtype == np.int64
+        plain = _survivors(approx, cut)  # without a ProbeSet: a fresh mask
+        assert plain[0].tolist() == qi.tolist() and plain[1].tolist() == gi.tolist()
