@@ -222,6 +222,7 @@ def test_modal_engine_refuses_a_gallery_its_containers_cannot_read(
     assert runs.entered == 0  # refused before anything started
 
 
+@pytest.mark.slow
 def test_one_app_run_from_prepare_runtime_to_close(
     s3_settings: Settings, tmp_path: Path, modal_offline: tuple[AppRuns, list[str]], sample_shards: Path
 ) -> None:
