@@ -309,7 +309,7 @@ def watchlist_close(
 @app.command()
 def match(
     watchlist_id: str,
-    engine: Annotated[str, typer.Option(help="local | ray")] = "local",
+    engine: Annotated[str, typer.Option(help="local | ray | modal (a home on object storage)")] = "local",
     index: Annotated[str, typer.Option(help="exact (default) | ivf_pq (approximate; recall measured)")] = "exact",
     nprobes: Annotated[int, typer.Option(help="IVF partitions searched (ivf_pq)")] = 20,
     refine_factor: Annotated[int, typer.Option(help="exact re-ranking of k x this many (ivf_pq)")] = 10,
@@ -322,7 +322,7 @@ def match(
     """
     from jobs.match import run_match
 
-    _choice("--engine", engine, ("local", "ray"))
+    _choice("--engine", engine, ("local", "ray", "modal"))
     _choice("--index", index, ("exact", "ivf_pq"))
     result = run_match(
         _settings(), watchlist_id, cast("MatchEngine", engine), cast("Method", index), nprobes, refine_factor

@@ -27,7 +27,7 @@ from pipelines.settings import Settings
 from pipelines.sql import sql_list
 from pipelines.vocab import CHILD_PROTECTION_PURPOSES
 
-MatchEngine = Literal["local", "ray"]
+MatchEngine = Literal["local", "ray", "modal"]
 Method = Literal["exact", "ivf_pq"]
 RECALL_SAMPLE = 20
 
@@ -231,7 +231,7 @@ def _match(
                 k,
                 settings.match_block_rows,
                 settings.device,
-                1 if runner.name == "local" else int(settings.ray_num_cpus or 2),
+                runner.match_parts(),
                 pinned.options,
             )
             if method == "ivf_pq":

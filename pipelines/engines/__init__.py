@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from pipelines.task import IngestTask, WorkItem
 
 EngineName = Literal["local", "ray", "modal"]
+MODAL_MATCH_CONTAINERS = 16  # the Modal match pool's cap (pipelines/engines/modal.py: MATCH_CONTAINERS)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,9 @@ class Engine(Protocol):
 
     def match(self, units: list[MatchUnit], probes: np.ndarray) -> list[TopK]: ...
 
+    def match_parts(self) -> int:
+        """How many units a match should be planned in (one per worker the engine runs side by side)."""
+
     def close(self) -> None:
         """Release what `prepare_runtime()` holds; the engine may be prepared again. Safe to call twice."""
 
@@ -82,6 +86,9 @@ class _EngineBase:
 
     def close(self) -> None:
         return None
+
+    def match_parts(self) -> int:
+        return 1
 
 
 class LocalEngine(_EngineBase):
@@ -124,6 +131,9 @@ class RayEngine(_EngineBase):
 
         return match_ray(units, probes, self.options.ray_address, self.options.ray_num_cpus)
 
+    def match_parts(self) -> int:
+        return int(self.options.ray_num_cpus or 2)
+
 
 class ModalEngine(_EngineBase):
     """Modal containers (the app and workers are defined in pipelines/engines/modal.py).
@@ -157,6 +167,9 @@ class ModalEngine(_EngineBase):
         from pipelines.engines.modal import match_modal
 
         return match_modal(units, probes, self._session)
+
+    def match_parts(self) -> int:
+        return MODAL_MATCH_CONTAINERS
 
 
 ENGINES: dict[str, type[LocalEngine] | type[RayEngine] | type[ModalEngine]] = {

@@ -30,6 +30,7 @@ import modal
 import numpy as np
 
 from pipelines.embed import EmbedStage, ShardOutput
+from pipelines.engines import MODAL_MATCH_CONTAINERS
 from pipelines.errors import Refused
 from pipelines.match_unit import MatchUnit, run_unit
 from pipelines.matcher import TopK
@@ -42,7 +43,7 @@ GPU = "L4"
 MAX_CONTAINERS = 8  # a capped GPU pool
 MATCH_CPUS = 4.0  # reserved cores of a match container (numpy/torch GEMM threads; Lance scan threads)
 MATCH_MEMORY_MIB = 8192  # a probe block (probes x block_rows float32 scores) plus the scan's batches
-MATCH_CONTAINERS = 16  # a capped CPU pool; a job's units beyond it queue
+MATCH_CONTAINERS = MODAL_MATCH_CONTAINERS  # a capped CPU pool; a job's units beyond it queue
 # What a container needs to read s3:// shards and tables, forwarded from the driver (see pipelines.storage.S3Config).
 AWS_VARIABLES = (
     "AWS_ACCESS_KEY_ID",
