@@ -146,6 +146,7 @@ class Results:
     append_s: float = 0.0
     ray_start_s: float = 0.0
     imports_s: float = 0.0
+    code: str = ""
     steps: dict[str, Step] = field(default_factory=dict)
     check: Check = field(default_factory=Check)
     load: list[float] = field(default_factory=list)
@@ -433,6 +434,7 @@ def check_runs(
 
 def run(args: argparse.Namespace) -> Results:
     res = Results(args.gallery, args.appended, args.watchlists, args.probes, args.top_k, args.engine, args.chunk)
+    res.code = code_state()  # when the modules are imported: what is measured
     res.load.append(os.getloadavg()[0])
     rng = np.random.default_rng([SEED, args.gallery, args.watchlists, args.probes])
     wanted = np.unique(rng.integers(0, args.gallery, args.watchlists * max(1, args.probes // 4)))
@@ -626,6 +628,23 @@ def check_line(res: Results) -> str:
     )
 
 
+def code_state() -> str:
+    """The commit measured, and the code files changed in the working tree beside it (docs aside)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        root = Path(__file__).parents[1]
+        done = subprocess.run(["git", *args], capture_output=True, text=True, check=False, cwd=root)
+        return done.stdout if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD").strip()
+    if not commit:
+        return "Code: not a git checkout"
+    status = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    changed = [line[3:] for line in status if len(line) > 3 and not line[3:].startswith("docs/")]
+    return f"Code: commit {commit}" + (f", with uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
 def versions() -> str:
     import lance
     import lancedb
@@ -658,7 +677,7 @@ def render(res: Results, command: str, heading: str = SECTION) -> str:
     cores = len(os.sched_getaffinity(0))
     met = "met" if res.met else "NOT met"
     lines += [f"Measured {when} with `{command}`.", ""]
-    lines += [f"- {item}" for item in [*machine("cpu"), *kernel_lines(None), versions()]]
+    lines += [f"- {item}" for item in [*machine("cpu"), *kernel_lines(None), versions(), res.code]]
     lines += [
         f"- 1-minute load average at start / end: {' / '.join(f'{v:.2f}' for v in res.load)} (the machine has "
         f"{cores} usable cores and is shared: anything else running slows every step){load_warning(res.load)}",
