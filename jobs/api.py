@@ -51,12 +51,10 @@ def latest_runs(home: str | Path | None = None) -> Any:
     """
     import polars as pl
 
-    from pipelines.results import list_runs
+    from pipelines.results import latest_runs as newest
 
-    newest: dict[str, str] = {}
-    for manifest in list_runs(_settings(home).store):  # newest first
-        newest.setdefault(str(manifest["watchlist_id"]), str(manifest["run_id"]))
-    return results(home).filter(pl.col("run_id").is_in(list(newest.values())))
+    newest_ids = [str(m["run_id"]) for m in newest(_settings(home).store).values()]
+    return results(home).filter(pl.col("run_id").is_in(newest_ids))
 
 
 def new_since(run_id: str, home: str | Path | None = None) -> Any:

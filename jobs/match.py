@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.session import writer_session
-from lance_tables.delta import PinnedTable, weights_of
+from lance_tables.delta import PinnedTable, count_rows, weights_of
 from lance_tables.store import Gallery
 from lance_tables.watchlists import get_watchlist, read_probes
 from pipelines.audit import AuditLog, digest
@@ -21,7 +21,7 @@ from pipelines.engines import Engine, EngineOptions, open_engine
 from pipelines.errors import Refused
 from pipelines.match_unit import MatchUnit
 from pipelines.matcher import TopK, ranked
-from pipelines.results import list_runs, read_run, write_result_set
+from pipelines.results import latest_runs, read_run, write_result_set
 from pipelines.schemas import RESULT_SCHEMA
 from pipelines.settings import Settings
 from pipelines.sql import sql_list
@@ -84,7 +84,8 @@ def run_match(
                     f"watchlist {watchlist_id} expired on {wl['expires_at']:%Y-%m-%d}; it is no longer matched"
                 )
             probes, vectors = read_probes(gallery, watchlist_id)
-            plan = full_plan(settings.store, latest_runs(settings.store).get(watchlist_id), probes, None)
+            parent = latest_runs(settings.store, watchlist_id).get(watchlist_id)
+            plan = full_plan(settings.store, parent, probes, None)
             return match_watchlist(
                 settings, gallery, runner, log, wl, probes, vectors, now, plan, method, nprobes, refine
             )
@@ -99,14 +100,6 @@ def close_engine(runner: Any) -> None:
         close()
 
 
-def latest_runs(store: Any) -> dict[str, dict[str, Any]]:
-    """The newest complete run of each watchlist (its manifest), from one listing of the manifests."""
-    latest: dict[str, dict[str, Any]] = {}
-    for manifest in list_runs(store):  # newest first
-        latest.setdefault(str(manifest["watchlist_id"]), manifest)
-    return latest
-
-
 @dataclass(frozen=True)
 class RunPlan:
     """How one run is made: `full` over the whole gallery, or `delta` (the parent's candidates merged with
@@ -119,6 +112,7 @@ class RunPlan:
     from_version: int | None = None
     parent_rows: list[list[Candidate]] | None = None  # per probe, the parent's candidates (when read)
     gallery_weights: tuple[str, ...] | None = None
+    gallery_rows: int | None = None  # delta mode: rows of the model in the pinned table
 
 
 def full_plan(store: Any, parent: dict[str, Any] | None, probes: list[dict[str, Any]], reason: str | None) -> RunPlan:
@@ -217,6 +211,7 @@ def _match(
     k = int(wl["top_k"])
     extra: dict[str, Any] = {}
     weights: tuple[str, ...] = ()
+    rows_of_model = plan.gallery_rows
     if plan.mode == "delta":
         assert plan.delta is not None and plan.parent_rows is not None
         lists = [merge(old, new, k) for old, new in zip(plan.parent_rows, plan.delta, strict=True)]
@@ -242,7 +237,9 @@ def _match(
                 for partial in _partials(runner, units, vectors):
                     top.merge(partial)
             lists = ranked_candidates(pinned, top, probes, k)
-            weights = tuple(sorted(model_weights(weights_of(pinned, f"model_id IN {sql_list([wl['model_id']])}"))))
+            model = f"model_id IN {sql_list([wl['model_id']])}"
+            weights = tuple(sorted(model_weights(weights_of(pinned, model))))
+            rows_of_model = count_rows(pinned, model)
         lists = [with_history(ranked, first_seen_of(plan)) for ranked in lists]
     rows = result_rows(wl, probes, lists, run_id, version, now)
     new = rows.filter(pc.field("new_since_parent"))
@@ -273,6 +270,7 @@ def _match(
         "probes_digest": probes_digest([p["probe_id"] for p in probes], vectors, str(wl["weights_digest"])),
         "gallery_filter": where,
         "gallery_weights": list(weights),
+        "gallery_rows": rows_of_model,
         "delta_basis": DELTA_BASIS,
     }
     return manifest | extra | {"rows": rows}

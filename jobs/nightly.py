@@ -27,7 +27,6 @@ from jobs.match import (
     full_plan,
     gallery_filter,
     gallery_table,
-    latest_runs,
     match_watchlist,
     metadata,
     parent_candidates,
@@ -35,9 +34,9 @@ from jobs.match import (
 )
 from jobs.retention import run_retention
 from jobs.session import writer_session
-from lance_tables.delta import PinnedTable, delta_blocks, stamps_of, written_since
+from lance_tables.delta import PinnedTable, count_rows, delta_blocks, stamps_of, written_before, written_since
 from lance_tables.store import Gallery
-from lance_tables.watchlists import list_watchlists, read_probes
+from lance_tables.watchlists import list_watchlists, read_probes_of
 from pipelines.audit import AuditLog
 from pipelines.delta import (
     Candidate,
@@ -53,9 +52,12 @@ from pipelines.delta import (
 from pipelines.engines import Engine, EngineOptions, open_engine
 from pipelines.faults import crash_point
 from pipelines.matcher import TopK, ranked
+from pipelines.results import latest_runs
 from pipelines.settings import Settings
 from pipelines.sql import sql_list
 from pipelines.vocab import CHILD_PROTECTION_PURPOSES
+
+MAX_STACKED = 2048  # probes scored together against a delta block (a 2048 x 4096 float32 product: 32 MiB)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class Tonights:
     delta: list[list[Candidate]] | None = None
     fresh: int = 0  # rows written since its last run that it may see
     weights: tuple[str, ...] = ()
+    rows: int | None = None  # rows of its model in the pinned table
 
     @property
     def watchlist_id(self) -> str:
@@ -116,7 +119,8 @@ def _night(
     active.sort(key=lambda w: w["watchlist_id"])
     latest = latest_runs(settings.store)
     pins = {name: pin_table(gallery, name_modality) for name, name_modality in _tables(active)}  # pinned once
-    tonight = [_plan(settings, gallery, w, latest.get(w["watchlist_id"]), pins) for w in active]
+    probes = read_probes_of(gallery, [w["watchlist_id"] for w in active])
+    tonight = [_plan(settings, w, probes[w["watchlist_id"]], latest.get(w["watchlist_id"]), pins) for w in active]
     by_model: dict[tuple[str, str], list[Tonights]] = defaultdict(list)
     for t in tonight:
         if t.reason is None:
@@ -138,6 +142,7 @@ def _night(
                 from_version=t.basis.gallery_version if t.basis else None,
                 parent_rows=t.parent_rows,
                 gallery_weights=t.weights,
+                gallery_rows=t.rows,
             )
         else:
             plan = full_plan(settings.store, t.parent, t.probes, t.reason)
@@ -159,13 +164,13 @@ def _tables(active: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 def _plan(
     settings: Settings,
-    gallery: Gallery,
     wl: dict[str, Any],
+    probe_set: tuple[list[dict[str, Any]], np.ndarray],
     parent: dict[str, Any] | None,
     pins: dict[str, PinnedTable | None],
 ) -> Tonights:
     """What can be decided from the manifests and the watchlist alone."""
-    probes, vectors = read_probes(gallery, wl["watchlist_id"])
+    probes, vectors = probe_set
     name = gallery_table(wl["modality"])
     pinned = pins.get(name)
     now = Tonight(
@@ -192,7 +197,7 @@ def _delta_pass(settings: Settings, pinned: PinnedTable | None, model_id: str, g
             t.delta = [[] for _ in t.probes]
             t.weights = (t.basis.gallery_weights or ()) if t.basis else ()
         return
-    _check_parents(pinned, group)
+    _check_parents(pinned, model_id, group)
     group[:] = [t for t in group if t.reason is None]
     if not group:
         return
@@ -202,14 +207,13 @@ def _delta_pass(settings: Settings, pinned: PinnedTable | None, model_id: str, g
     slots: dict[str, tuple[int, int, int]] = {}  # watchlist id -> (group index, first probe row, last)
     for allow in (False, True):
         members = [t for t in group if (t.wl["purpose"] in CHILD_PROTECTION_PURPOSES) == allow]
-        if not members:
-            continue
-        row = 0
-        for t in members:
-            slots[t.watchlist_id] = (len(groups), row, row + len(t.probes))
-            row += len(t.probes)
-        stacked = np.concatenate([t.vectors for t in members]) if row else np.zeros((0, 1), np.float32)
-        groups.append(DeltaGroup(allow, stacked, max(int(t.wl["top_k"]) for t in members), settings.device))
+        for chunk in _stacks(members):
+            row = 0
+            for t in chunk:
+                slots[t.watchlist_id] = (len(groups), row, row + len(t.probes))
+                row += len(t.probes)
+            stacked = np.concatenate([t.vectors for t in chunk]) if row else np.zeros((0, 1), np.float32)
+            groups.append(DeltaGroup(allow, stacked, max(int(t.wl["top_k"]) for t in chunk), settings.device))
     versions = {t.watchlist_id: (slots[t.watchlist_id][0], _from(t)) for t in group}
     weights: dict[str, set[str]] = {t.watchlist_id: set() for t in group}
 
@@ -222,6 +226,7 @@ def _delta_pass(settings: Settings, pinned: PinnedTable | None, model_id: str, g
             yield block
 
     fresh = scan_delta(blocks(), groups, versions)
+    rows = count_rows(pinned, f"model_id IN {sql_list([model_id])}")
     rowids = np.unique(np.concatenate([g.top.all_rowids() for g in groups])) if groups else np.zeros(0, np.int64)
     meta = metadata(pinned, rowids)
     for t in group:
@@ -233,17 +238,47 @@ def _delta_pass(settings: Settings, pinned: PinnedTable | None, model_id: str, g
         t.fresh = fresh[t.watchlist_id]
         t.weights = tuple(sorted(known))
         t.delta = _lists(groups[index].top, lo, hi, t, meta)
+        t.rows = rows
+
+
+def _stacks(members: list[Tonights]) -> list[list[Tonights]]:
+    """Watchlists in stacks of at most MAX_STACKED probes (a watchlist is never split): every stack scores
+    each delta block with one product, and the score matrix stays bounded however many watchlists there are."""
+    stacks: list[list[Tonights]] = []
+    size = 0
+    for t in members:
+        if not stacks or size + len(t.probes) > MAX_STACKED:
+            stacks.append([])
+            size = 0
+        stacks[-1].append(t)
+        size += len(t.probes)
+    return stacks
 
 
 def _from(t: Tonights) -> int:
     return t.basis.gallery_version if t.basis else 0
 
 
-def _check_parents(pinned: PinnedTable, group: list[Tonights]) -> None:
-    """A parent's candidate that was erased or replaced since (no row, or a newer stamp) breaks the merge."""
-    ids = [c.gallery_id for t in group for lst in t.parent_rows or [] for c in lst]
-    stamps = stamps_of(pinned, ids) if ids else {}
+def _check_parents(pinned: PinnedTable, model_id: str, group: list[Tonights]) -> None:
+    """A parent's candidate that was erased or replaced since (no row, or a newer stamp) breaks the merge.
+
+    The rows last written at or before a parent's version are a subset of what it saw; when there are as many
+    as it counted (`gallery_rows`), nothing it saw was removed or replaced (one count per version). Otherwise
+    its candidates are looked up one by one."""
+    model = f"model_id IN {sql_list([model_id])}"
+    counts: dict[int, int] = {}
+    unsure = []
     for t in group:
+        version = _from(t)
+        if t.basis is not None and t.basis.gallery_rows is not None:
+            if version not in counts:
+                counts[version] = count_rows(pinned, f"{model} AND {written_before(pinned, version)}")
+            if counts[version] == t.basis.gallery_rows:
+                continue
+        unsure.append(t)
+    ids = [c.gallery_id for t in unsure for lst in t.parent_rows or [] for c in lst]
+    stamps = stamps_of(pinned, ids) if ids else {}
+    for t in unsure:
         version = _from(t)
         for lst in t.parent_rows or []:
             if any(c.gallery_id not in stamps or _after(stamps[c.gallery_id], version) for c in lst):

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipelines.delta import DELTA_BASIS, DeltaBlock
+from pipelines.match_unit import SCAN_BATCH
 from pipelines.sql import sql_list
 
 IDS_PER_QUERY = 5_000  # gallery ids per IN (...) predicate
@@ -45,13 +46,24 @@ def written_since(table: PinnedTable, version: int) -> str | None:
     return f"{DELTA_BASIS} >= {int(version)}" if table.stamped() else None
 
 
+def count_rows(table: PinnedTable, where: str) -> int:
+    return int(table.dataset().count_rows(filter=where))
+
+
+def written_before(table: PinnedTable, version: int) -> str:
+    """A predicate for the rows last written at or before `version` (all rows when none is stamped yet)."""
+    if not table.stamped():
+        return "true"
+    return f"({DELTA_BASIS} < {int(version)} OR {DELTA_BASIS} IS NULL)"
+
+
 def delta_blocks(table: PinnedTable, where: str, block_rows: int) -> Iterator[DeltaBlock]:
     """One pass over the rows matching `where` (the filter columns first, then only those rows' vectors)."""
     scanner = table.dataset().scanner(
         columns=["vector", "minor", DELTA_BASIS, "weights_digest"],
         filter=where,
         with_row_id=True,
-        batch_size=max(1, block_rows),
+        batch_size=max(1, min(SCAN_BATCH, block_rows)),
         late_materialization=True,
     )
     for batch in scanner.to_batches():

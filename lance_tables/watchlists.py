@@ -52,6 +52,22 @@ def read_probes(gallery: Gallery, watchlist_id: str) -> tuple[list[dict[str, Any
     return rows, vectors
 
 
+def read_probes_of(gallery: Gallery, watchlist_ids: list[str]) -> dict[str, tuple[list[dict[str, Any]], np.ndarray]]:
+    """`read_probes` of many watchlists in one read of the probes table."""
+    out: dict[str, tuple[list[dict[str, Any]], np.ndarray]] = {}
+    if not watchlist_ids:
+        return out
+    table = gallery.read("probes", where=f"watchlist_id IN {sql_list(watchlist_ids)}")
+    grouped: dict[str, list[dict[str, Any]]] = {w: [] for w in watchlist_ids}
+    for row in table.to_pylist() if table.num_columns else []:
+        grouped[row["watchlist_id"]].append(row)
+    for watchlist_id, rows in grouped.items():
+        rows.sort(key=lambda r: r["probe_id"])
+        vectors = np.array([r.pop("vector") for r in rows], dtype=np.float32)
+        out[watchlist_id] = (rows, vectors)
+    return out
+
+
 def close_watchlist(gallery: Gallery, watchlist_id: str, closed_by: str) -> dict[str, Any]:
     record = get_watchlist(gallery, watchlist_id)
     if record["status"] == "closed":

@@ -62,6 +62,7 @@ class RunBasis:
     gallery_weights: tuple[str, ...] | None
     delta_basis: str | None
     rewritten: bool
+    gallery_rows: int | None = None  # rows of the model in the table at gallery_version (all, minors too)
 
     @classmethod
     def from_manifest(cls, m: dict[str, Any]) -> RunBasis:
@@ -78,6 +79,7 @@ class RunBasis:
             gallery_weights=tuple(weights) if isinstance(weights, list) else None,
             delta_basis=m.get("delta_basis"),
             rewritten=bool(m.get("rewritten_after_erasure")) or int(m.get("generation", 1)) > 1,
+            gallery_rows=int(m["gallery_rows"]) if m.get("gallery_rows") is not None else None,
         )
 
 

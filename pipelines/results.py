@@ -30,6 +30,7 @@ PART_ROWS = 500_000
 RESULTS = f"{area.RESULTS}/"
 MANIFESTS = f"{area.MANIFESTS}/"
 _MANIFEST = re.compile(r"^manifests/watchlist_id=([^/]+)/([^/]+?)(?:\.g(\d{4}))?\.json$")
+_RUN_SECOND = re.compile(r"^run-(\d{8}T\d{6})-")
 _PART = re.compile(r"^results/watchlist_id=([^/]+)/run_id=([^/]+)/part-(?:g(\d{4})-)?\d{5}\.parquet$")
 
 
@@ -110,6 +111,28 @@ def _load_manifests(store: ObjectStore, found: dict[RunKey, list[tuple[int, str]
             continue
         runs.append(manifest | {"path": store.location(key.prefix), "manifest_key": name})
     return sorted(runs, key=lambda m: (m.get("matched_at", ""), m.get("run_id", "")), reverse=True)
+
+
+def latest_runs(store: ObjectStore, watchlist_id: str | None = None) -> dict[str, dict[str, Any]]:
+    """The newest complete run of each watchlist (or of one), its manifest, reading about one manifest each.
+
+    Run ids start with the UTC second they were made (`run-YYYYmmddTHHMMSS-...`), so one listing names each
+    watchlist's newest second; only the runs of that second (and any id of another shape) are read, and
+    `matched_at` decides among them."""
+    by_watchlist: dict[str, list[RunKey]] = {}
+    found = _manifest_keys(store)
+    for key in found:
+        if watchlist_id is None or key.watchlist_id == watchlist_id:
+            by_watchlist.setdefault(key.watchlist_id, []).append(key)
+    chosen: dict[RunKey, list[tuple[int, str]]] = {}
+    for keys in by_watchlist.values():
+        seconds = {key: m[1] if (m := _RUN_SECOND.match(key.run_id)) else None for key in keys}
+        newest = max((second for second in seconds.values() if second), default=None)
+        chosen |= {key: found[key] for key, second in seconds.items() if second is None or second == newest}
+    latest: dict[str, dict[str, Any]] = {}
+    for manifest in _load_manifests(store, chosen):  # newest first
+        latest.setdefault(str(manifest["watchlist_id"]), manifest)
+    return latest
 
 
 def find_run(store: ObjectStore, run_id: str) -> dict[str, Any] | None:

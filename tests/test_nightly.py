@@ -481,3 +481,46 @@ def test_the_nightly_on_an_s3_home(s3_settings: Settings, tmp_path: Path) -> Non
     assert night["mode"] == "delta" and night["path"].startswith("s3://")
     assert rows_of(world.settings, night["run_id"]) == world.expected(wid, 4, False)
     assert run_nightly(world.settings)["runs"] == []
+
+
+def test_many_watchlists_are_stacked_in_bounded_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With stacks of at most 3 probes, five watchlists need several products per block; still exact."""
+    import jobs.nightly
+
+    monkeypatch.setattr(jobs.nightly, "MAX_STACKED", 3)
+    world = World(tmp_path)
+    world.put([f"r{i}" for i in range(25)], signs(25, 1), [i % 4 == 0 for i in range(25)], ["s"] * 25)
+    wids = {world.watch(signs(2, 10 + i), CHILD if i % 2 else OTHER, top_k=2 + i): i % 2 for i in range(5)}
+    run_nightly(world.settings)
+    world.put([f"n{i}" for i in range(9)], signs(9, 30), [i % 3 == 0 for i in range(9)], ["s"] * 9)
+    night = by_watchlist(run_nightly(world.settings))
+    for wid, child in wids.items():
+        run = latest(world.settings, wid)
+        assert rows_of(world.settings, run["run_id"]) == world.expected(wid, run["top_k"], bool(child))
+        assert wid not in night or night[wid]["mode"] == "delta"
+
+
+def test_the_latest_run_is_found_from_the_listing(tmp_path: Path) -> None:
+    """Run ids carry their second; within one second matched_at decides; only those manifests are read."""
+    from pipelines.results import latest_runs, write_result_set
+
+    settings = make_settings(tmp_path / "home")
+    empty = RESULT_SCHEMA.empty_table()
+    for run_id, at in (
+        ("run-20261201T010000-ffffffff", "2026-12-01T01:00:00.100000+00:00"),
+        ("run-20261201T020000-bbbbbbbb", "2026-12-01T02:00:00.900000+00:00"),
+        ("run-20261201T020000-aaaaaaaa", "2026-12-01T02:00:00.200000+00:00"),
+    ):
+        write_result_set(
+            settings.store, "wl-a", run_id, empty, {"run_id": run_id, "watchlist_id": "wl-a", "matched_at": at}
+        )
+    write_result_set(
+        settings.store,
+        "wl-b",
+        "legacy-id",
+        empty,
+        {"run_id": "legacy-id", "watchlist_id": "wl-b", "matched_at": "2026-01-01"},
+    )
+    found = latest_runs(settings.store)
+    assert {w: m["run_id"] for w, m in found.items()} == {"wl-a": "run-20261201T020000-bbbbbbbb", "wl-b": "legacy-id"}
+    assert set(latest_runs(settings.store, "wl-b")) == {"wl-b"}
