@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.session import writer_session
-from lance_tables.delta import PinnedTable, count_rows, weights_of
+from lance_tables.delta import PinnedTable, count_rows, weights_of, written_unstamped
 from lance_tables.store import Gallery
 from lance_tables.watchlists import get_watchlist, read_probes
 from pipelines.audit import AuditLog, digest
@@ -113,6 +113,7 @@ class RunPlan:
     parent_rows: list[list[Candidate]] | None = None  # per probe, the parent's candidates (when read)
     gallery_weights: tuple[str, ...] | None = None
     gallery_rows: int | None = None  # delta mode: rows of the model in the pinned table
+    unstamped_rows: int | None = None  # delta mode: of which without a write stamp
 
 
 def full_plan(store: Any, parent: dict[str, Any] | None, probes: list[dict[str, Any]], reason: str | None) -> RunPlan:
@@ -211,7 +212,7 @@ def _match(
     k = int(wl["top_k"])
     extra: dict[str, Any] = {}
     weights: tuple[str, ...] = ()
-    rows_of_model = plan.gallery_rows
+    rows_of_model, unstamped = plan.gallery_rows, plan.unstamped_rows
     if plan.mode == "delta":
         assert plan.delta is not None and plan.parent_rows is not None
         lists = [merge(old, new, k) for old, new in zip(plan.parent_rows, plan.delta, strict=True)]
@@ -237,9 +238,11 @@ def _match(
                 for partial in _partials(runner, units, vectors):
                     top.merge(partial)
             lists = ranked_candidates(pinned, top, probes, k)
+        if pinned is not None:  # what the next night checks its view against
             model = f"model_id IN {sql_list([wl['model_id']])}"
             weights = tuple(sorted(model_weights(weights_of(pinned, model))))
             rows_of_model = count_rows(pinned, model)
+            unstamped = count_rows(pinned, f"{model} AND {written_unstamped(pinned)}")
         lists = [with_history(ranked, first_seen_of(plan)) for ranked in lists]
     rows = result_rows(wl, probes, lists, run_id, version, now)
     new = rows.filter(pc.field("new_since_parent"))
@@ -271,6 +274,7 @@ def _match(
         "gallery_filter": where,
         "gallery_weights": list(weights),
         "gallery_rows": rows_of_model,
+        "unstamped_rows": unstamped,
         "delta_basis": DELTA_BASIS,
     }
     return manifest | extra | {"rows": rows}

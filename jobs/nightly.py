@@ -34,7 +34,15 @@ from jobs.match import (
 )
 from jobs.retention import run_retention
 from jobs.session import writer_session
-from lance_tables.delta import PinnedTable, count_rows, delta_blocks, stamps_of, written_before, written_since
+from lance_tables.delta import (
+    PinnedTable,
+    count_rows,
+    delta_blocks,
+    stamps_of,
+    written_before,
+    written_since,
+    written_unstamped,
+)
 from lance_tables.store import Gallery
 from lance_tables.watchlists import list_watchlists, read_probes_of
 from pipelines.audit import AuditLog
@@ -75,6 +83,7 @@ class Tonights:
     fresh: int = 0  # rows written since its last run that it may see
     weights: tuple[str, ...] = ()
     rows: int | None = None  # rows of its model in the pinned table
+    unstamped: int | None = None  # of which written without a stamp
 
     @property
     def watchlist_id(self) -> str:
@@ -87,11 +96,12 @@ class Tonights:
 
 def run_nightly(settings: Settings, engine: str = "local", now: dt.datetime | None = None) -> dict[str, Any]:
     """Retention, then tonight's runs. Returns {"runs", "skipped", "retention", "cases"} (JSON-ready)."""
-    now = now or dt.datetime.now(dt.UTC)
     runner = open_engine(engine, EngineOptions.from_settings(settings))
     runner.prepare_runtime()  # once for the night, before LanceDB is opened
     try:
         with writer_session(settings, "nightly") as log:
+            # the night's clock starts once the lease is held: a run committed while this one waited is older
+            now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
             retention = run_retention(settings, now)
             crash_point("nightly:after-retention")
             with log.action(settings.actor, "nightly", engine=engine) as op:
@@ -105,6 +115,7 @@ def run_nightly(settings: Settings, engine: str = "local", now: dt.datetime | No
                         "new_candidates": sum(r["new_candidates"] for r in runs),
                     },
                     run_ids=[r["run_id"] for r in runs],
+                    up_to_date=[{k: x[k] for k in ("watchlist_id", "last_run_id", "gallery_version")} for x in skipped],
                 )
     finally:
         close_engine(runner)
@@ -143,6 +154,7 @@ def _night(
                 parent_rows=t.parent_rows,
                 gallery_weights=t.weights,
                 gallery_rows=t.rows,
+                unstamped_rows=t.unstamped,
             )
         else:
             plan = full_plan(settings.store, t.parent, t.probes, t.reason)
@@ -205,8 +217,15 @@ def _delta_pass(settings: Settings, pinned: PinnedTable | None, model_id: str, g
     stamp = written_since(pinned, since)
     groups: list[DeltaGroup] = []
     slots: dict[str, tuple[int, int, int]] = {}  # watchlist id -> (group index, first probe row, last)
+    rows = count_rows(pinned, f"model_id IN {sql_list([model_id])}")
+    for t in group:
+        t.rows = rows
+        if not t.probes:  # nothing to score (its probes were erased): nothing can be new for it
+            t.delta = []
+            t.weights = tuple(sorted(model_weights(t.basis.gallery_weights or ()))) if t.basis else ()
+    scored = [t for t in group if t.probes]
     for allow in (False, True):
-        members = [t for t in group if (t.wl["purpose"] in CHILD_PROTECTION_PURPOSES) == allow]
+        members = [t for t in scored if (t.wl["purpose"] in CHILD_PROTECTION_PURPOSES) == allow]
         for chunk in _stacks(members):
             row = 0
             for t in chunk:
@@ -214,22 +233,21 @@ def _delta_pass(settings: Settings, pinned: PinnedTable | None, model_id: str, g
                 row += len(t.probes)
             stacked = np.concatenate([t.vectors for t in chunk]) if row else np.zeros((0, 1), np.float32)
             groups.append(DeltaGroup(allow, stacked, max(int(t.wl["top_k"]) for t in chunk), settings.device))
-    versions = {t.watchlist_id: (slots[t.watchlist_id][0], _from(t)) for t in group}
-    weights: dict[str, set[str]] = {t.watchlist_id: set() for t in group}
+    versions = {t.watchlist_id: (slots[t.watchlist_id][0], _from(t)) for t in scored}
+    weights: dict[str, set[str]] = {t.watchlist_id: set() for t in scored}
 
     def blocks() -> Iterator[DeltaBlock]:
         if stamp is None:
             return
         for block in delta_blocks(pinned, f"model_id IN {sql_list([model_id])} AND {stamp}", settings.match_block_rows):
-            for t in group:
+            for t in scored:
                 weights[t.watchlist_id].update(model_weights(block.weights[block.stamp >= _from(t)]))
             yield block
 
     fresh = scan_delta(blocks(), groups, versions)
-    rows = count_rows(pinned, f"model_id IN {sql_list([model_id])}")
     rowids = np.unique(np.concatenate([g.top.all_rowids() for g in groups])) if groups else np.zeros(0, np.int64)
     meta = metadata(pinned, rowids)
-    for t in group:
+    for t in scored:
         known = model_weights(t.basis.gallery_weights or ()) if t.basis else set()
         if weights[t.watchlist_id] - known:
             t.reason = "weights_changed"
@@ -238,7 +256,6 @@ def _delta_pass(settings: Settings, pinned: PinnedTable | None, model_id: str, g
         t.fresh = fresh[t.watchlist_id]
         t.weights = tuple(sorted(known))
         t.delta = _lists(groups[index].top, lo, hi, t, meta)
-        t.rows = rows
 
 
 def _stacks(members: list[Tonights]) -> list[list[Tonights]]:
@@ -266,9 +283,16 @@ def _check_parents(pinned: PinnedTable, model_id: str, group: list[Tonights]) ->
     as it counted (`gallery_rows`), nothing it saw was removed or replaced (one count per version). Otherwise
     its candidates are looked up one by one."""
     model = f"model_id IN {sql_list([model_id])}"
+    unstamped = count_rows(pinned, f"{model} AND {written_unstamped(pinned)}")
+    for t in group:
+        t.unstamped = unstamped
+        if t.basis is not None and (t.basis.unstamped_rows is None or unstamped > t.basis.unstamped_rows):
+            t.reason = "untracked_writes"  # rows were written without a stamp (not through Gallery.upsert)
     counts: dict[int, int] = {}
     unsure = []
     for t in group:
+        if t.reason is not None:
+            continue
         version = _from(t)
         if t.basis is not None and t.basis.gallery_rows is not None:
             if version not in counts:

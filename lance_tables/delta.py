@@ -57,6 +57,11 @@ def written_before(table: PinnedTable, version: int) -> str:
     return f"({DELTA_BASIS} < {int(version)} OR {DELTA_BASIS} IS NULL)"
 
 
+def written_unstamped(table: PinnedTable) -> str:
+    """A predicate for the rows that carry no stamp (all rows when the column does not exist yet)."""
+    return f"{DELTA_BASIS} IS NULL" if table.stamped() else "true"
+
+
 def delta_blocks(table: PinnedTable, where: str, block_rows: int) -> Iterator[DeltaBlock]:
     """One pass over the rows matching `where` (the filter columns first, then only those rows' vectors)."""
     scanner = table.dataset().scanner(

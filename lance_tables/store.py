@@ -72,12 +72,18 @@ class Gallery:
             rows = _stamped(rows)
         table = self.ensure(name, rows.schema)
         _add_missing_columns(table, rows.schema)
+        stamp = int(table.version)
         if name in GALLERY_TABLES:
-            rows = _stamped(rows, int(table.version))
+            rows = _stamped(rows, stamp)
         merge = table.merge_insert(KEYS[name]).when_matched_update_all().when_not_matched_insert_all()
         if scope is not None:
             merge = merge.when_not_matched_by_source_delete(scope)
-        merge.execute(rows)
+        result = merge.execute(rows)
+        committed = getattr(result, "version", None)
+        if name in GALLERY_TABLES and committed is not None and int(committed) != stamp + 1:
+            # Another commit came between the stamp and this one (a writer that lost its lease, or Lance
+            # retrying a conflict): re-stamp so no run pinned before this commit counts these rows as seen.
+            table.update(where=f"{DELTA_BASIS} = {stamp}", values={DELTA_BASIS: int(committed) - 1})
 
     def count(self, name: str, where: str | None = None) -> int:
         table = self.open(name)

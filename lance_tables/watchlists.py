@@ -64,7 +64,7 @@ def read_probes_of(gallery: Gallery, watchlist_ids: list[str]) -> dict[str, tupl
     for watchlist_id, rows in grouped.items():
         rows.sort(key=lambda r: r["probe_id"])
         vectors = np.array([r.pop("vector") for r in rows], dtype=np.float32)
-        out[watchlist_id] = (rows, vectors)
+        out[watchlist_id] = (rows, vectors.reshape(len(rows), -1) if rows else np.zeros((0, 0), np.float32))
     return out
 
 

@@ -44,6 +44,7 @@ FULL_REASONS = {
     "minors_rule_changed": "the rule for rows flagged minor changed since the last run",
     "weights_changed": "gallery rows made with other model weights were added since the last run",
     "gallery_changed": "candidates of the last run were erased or replaced in the gallery since",
+    "untracked_writes": "rows were written to the gallery without a write stamp since the last run",
 }
 
 
@@ -63,6 +64,7 @@ class RunBasis:
     delta_basis: str | None
     rewritten: bool
     gallery_rows: int | None = None  # rows of the model in the table at gallery_version (all, minors too)
+    unstamped_rows: int | None = None  # of which without a write stamp (written before stamps existed)
 
     @classmethod
     def from_manifest(cls, m: dict[str, Any]) -> RunBasis:
@@ -80,6 +82,7 @@ class RunBasis:
             delta_basis=m.get("delta_basis"),
             rewritten=bool(m.get("rewritten_after_erasure")) or int(m.get("generation", 1)) > 1,
             gallery_rows=int(m["gallery_rows"]) if m.get("gallery_rows") is not None else None,
+            unstamped_rows=int(m["unstamped_rows"]) if m.get("unstamped_rows") is not None else None,
         )
 
 

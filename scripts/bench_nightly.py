@@ -68,7 +68,7 @@ MB = 1e6
 PHASES = (  # (module, attribute, label): every call timed, in the steps that make them
     ("jobs.nightly", "run_retention", "retention"),
     ("jobs.nightly", "latest_runs", "latest runs (every manifest)"),
-    ("jobs.nightly", "read_probes", "read probes"),
+    ("jobs.nightly", "read_probes_of", "read probes"),
     ("jobs.nightly", "parent_candidates", "read last runs' result sets"),
     ("jobs.nightly", "stamps_of", "last candidates' stamps (stamps_of)"),
     ("jobs.nightly", "scan_delta", "delta scan + scoring (scan_delta)"),

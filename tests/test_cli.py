@@ -29,6 +29,8 @@ COMMANDS = [
     ["watchlist", "list"],
     ["watchlist", "show"],
     ["watchlist", "close"],
+    ["watchlist", "amend"],
+    ["nightly"],
     ["match"],
     ["results"],
     ["results", "list"],

@@ -247,6 +247,8 @@ def basis(**kw: Any) -> RunBasis:
         gallery_weights=("w",),
         delta_basis="written_after_version",
         rewritten=False,
+        gallery_rows=10,
+        unstamped_rows=0,
     )
     return RunBasis(**(fields | kw))  # type: ignore[arg-type]
 
@@ -524,3 +526,79 @@ def test_the_latest_run_is_found_from_the_listing(tmp_path: Path) -> None:
     found = latest_runs(settings.store)
     assert {w: m["run_id"] for w, m in found.items()} == {"wl-a": "run-20261201T020000-bbbbbbbb", "wl-b": "legacy-id"}
     assert set(latest_runs(settings.store, "wl-b")) == {"wl-b"}
+
+
+def test_a_watchlist_whose_probes_were_all_erased_does_not_stop_the_night(tmp_path: Path) -> None:
+    """Erasure removes a person's probe too; a watchlist left with none is matched as empty, the others go on."""
+    world = World(tmp_path)
+    world.put([f"r{i}" for i in range(10)], signs(10, 1), [False] * 10, ["s"] * 10)
+    path = world.root / "victim-probes.parquet"
+    pq.write_table(
+        pa.table({"probe_id": ["v0"], "embedding": [list(signs(1, 5)[0])], "subject_id": ["victim-x"]}), path
+    )
+    sub = Submission(path, "batch", "CASE-v", OTHER, "basis", "analyst-1", "image", MODEL, 3)
+    emptied = str(submit(world.settings, sub)["watchlist_id"])
+    other = world.watch(signs(2, 6))
+    run_nightly(world.settings)
+    world.erase_subject("victim-x")
+    run_nightly(world.settings)
+    world.put(["n0", "n1"], signs(2, 7), [False, False], ["s", "s"])
+    night = run_nightly(world.settings)
+    assert by_watchlist(night)[other]["mode"] == "delta"
+    assert [s["watchlist_id"] for s in night["skipped"]] == [emptied]
+    assert rows_of(world.settings, latest(world.settings, other)["run_id"]) == world.expected(other, 3, False)
+
+
+def test_rows_written_around_the_stamp_are_never_missed(tmp_path: Path) -> None:
+    """A commit that lands between a write's stamp and its own commit (a writer that lost its lease) is caught
+    by the committed version: the rows are re-stamped, and the next night sees them."""
+    from lance_tables import store
+
+    world = World(tmp_path)
+    world.put([f"r{i}" for i in range(10)], signs(10, 1), [False] * 10, ["s"] * 10)
+    probe = signs(1, 9)
+    wid = world.watch(probe, top_k=2)
+    run_nightly(world.settings)
+    original = store._stamped
+    sneaked = []
+
+    def stamp_then_interleave(rows: pa.Table, version: int | None = None) -> pa.Table:
+        out = original(rows, version)
+        if version is not None and not sneaked:
+            sneaked.append(version)
+            world.put(["other"], signs(1, 11), [False], ["s"])  # another commit, then a nightly, in between
+            run_nightly(world.settings)
+        return out
+
+    store._stamped = stamp_then_interleave  # type: ignore[assignment]
+    try:
+        world.put(["hit"], probe, [False], ["s"])
+    finally:
+        store._stamped = original  # type: ignore[assignment]
+    night = by_watchlist(run_nightly(world.settings))
+    assert wid in night, "the exact copy of the probe was written after the last run: it must be matched"
+    assert rows_of(world.settings, night[wid]["run_id"]) == world.expected(wid, 2, False)
+
+
+def test_rows_written_without_a_stamp_force_a_full_run(tmp_path: Path) -> None:
+    """A writer that bypasses Gallery.upsert (an old version, a repair script) leaves rows with no stamp."""
+    world = World(tmp_path)
+    world.put([f"r{i}" for i in range(10)], signs(10, 1), [False] * 10, ["s"] * 10)
+    probe = signs(1, 9)
+    wid = world.watch(probe, top_k=2)
+    run_nightly(world.settings)
+    gallery = Gallery(world.settings.storage)
+    table = gallery.open("image_embeddings")
+    row = gallery.read("image_embeddings", where=f"embedding_id = '{world.gid('r0')}'")
+    bare = row.set_column(row.column_names.index("embedding_id"), "embedding_id", pa.array(["bare-row"]))
+    vector = pa.FixedSizeListArray.from_arrays(pa.array(probe[0] / 4.0, pa.float32()), DIM)
+    bare = bare.set_column(bare.column_names.index("vector"), bare.schema.field("vector"), vector)
+    table.add(
+        bare.set_column(
+            bare.column_names.index("written_after_version"), "written_after_version", pa.nulls(1, pa.int64())
+        )
+    )
+    world.rows["bare-row"] = (probe[0], False, "s")
+    night = by_watchlist(run_nightly(world.settings))[wid]
+    assert night["full_reason"] == "untracked_writes"
+    assert rows_of(world.settings, night["run_id"]) == world.expected(wid, 2, False)
