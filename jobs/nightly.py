@@ -69,7 +69,7 @@ MAX_STACKED = 2048  # probes scored together against a delta block (a 2048 x 409
 
 
 @dataclass
-class Tonights:
+class WatchlistNight:
     """One active watchlist tonight: its probes, its last run, its table, and how it will be matched."""
 
     wl: dict[str, Any]
@@ -132,7 +132,7 @@ def _night(
     pins = {name: pin_table(gallery, name_modality) for name, name_modality in _tables(active)}  # pinned once
     probes = read_probes_of(gallery, [w["watchlist_id"] for w in active])
     tonight = [_plan(settings, w, probes[w["watchlist_id"]], latest.get(w["watchlist_id"]), pins) for w in active]
-    by_model: dict[tuple[str, str], list[Tonights]] = defaultdict(list)
+    by_model: dict[tuple[str, str], list[WatchlistNight]] = defaultdict(list)
     for t in tonight:
         if t.reason is None:
             by_model[(gallery_table(t.wl["modality"]), t.wl["model_id"])].append(t)
@@ -159,14 +159,14 @@ def _night(
         else:
             plan = full_plan(settings.store, t.parent, t.probes, t.reason)
         result = match_watchlist(
-            settings, gallery, runner, log, t.wl, t.probes, t.vectors, now, plan, pinned=pins.get(plan_table(t))
+            settings, gallery, runner, log, t.wl, t.probes, t.vectors, now, plan, pinned=pins.get(_table_of(t))
         )
         runs.append(_summary(result))
         crash_point("nightly:after-run")
     return runs, skipped
 
 
-def plan_table(t: Tonights) -> str:
+def _table_of(t: WatchlistNight) -> str:
     return gallery_table(t.wl["modality"])
 
 
@@ -180,7 +180,7 @@ def _plan(
     probe_set: tuple[list[dict[str, Any]], np.ndarray],
     parent: dict[str, Any] | None,
     pins: dict[str, PinnedTable | None],
-) -> Tonights:
+) -> WatchlistNight:
     """What can be decided from the manifests and the watchlist alone."""
     probes, vectors = probe_set
     name = gallery_table(wl["modality"])
@@ -193,7 +193,7 @@ def _plan(
         probes_digest=probes_digest([p["probe_id"] for p in probes], vectors, str(wl["weights_digest"])),
         gallery_filter=gallery_filter(wl["model_id"], wl["purpose"]),
     )
-    t = Tonights(wl, probes, vectors, parent, pinned, None)
+    t = WatchlistNight(wl, probes, vectors, parent, pinned, None)
     t.reason = full_reason(t.basis, now)
     if t.reason is None:
         t.parent_rows = parent_candidates(settings.store, parent, probes)
@@ -202,7 +202,7 @@ def _plan(
     return t
 
 
-def _delta_pass(settings: Settings, pinned: PinnedTable | None, model_id: str, group: list[Tonights]) -> None:
+def _delta_pass(settings: Settings, pinned: PinnedTable | None, model_id: str, group: list[WatchlistNight]) -> None:
     """Check the parents' candidates are still in the gallery as they were, then scan the delta once."""
     if pinned is None:  # no table then and none now: nothing can be new
         for t in group:
@@ -258,10 +258,10 @@ def _delta_pass(settings: Settings, pinned: PinnedTable | None, model_id: str, g
         t.delta = _lists(groups[index].top, lo, hi, t, meta)
 
 
-def _stacks(members: list[Tonights]) -> list[list[Tonights]]:
+def _stacks(members: list[WatchlistNight]) -> list[list[WatchlistNight]]:
     """Watchlists in stacks of at most MAX_STACKED probes (a watchlist is never split): every stack scores
     each delta block with one product, and the score matrix stays bounded however many watchlists there are."""
-    stacks: list[list[Tonights]] = []
+    stacks: list[list[WatchlistNight]] = []
     size = 0
     for t in members:
         if not stacks or size + len(t.probes) > MAX_STACKED:
@@ -272,11 +272,11 @@ def _stacks(members: list[Tonights]) -> list[list[Tonights]]:
     return stacks
 
 
-def _from(t: Tonights) -> int:
+def _from(t: WatchlistNight) -> int:
     return t.basis.gallery_version if t.basis else 0
 
 
-def _check_parents(pinned: PinnedTable, model_id: str, group: list[Tonights]) -> None:
+def _check_parents(pinned: PinnedTable, model_id: str, group: list[WatchlistNight]) -> None:
     """A parent's candidate that was erased or replaced since (no row, or a newer stamp) breaks the merge.
 
     The rows last written at or before a parent's version are a subset of what it saw; when there are as many
@@ -314,7 +314,7 @@ def _after(stamp: int | None, version: int) -> bool:
     return stamp is not None and stamp >= version
 
 
-def _lists(top: TopK, lo: int, hi: int, t: Tonights, meta: dict[int, dict[str, Any]]) -> list[list[Candidate]]:
+def _lists(top: TopK, lo: int, hi: int, t: WatchlistNight, meta: dict[int, dict[str, Any]]) -> list[list[Candidate]]:
     """One watchlist's own top K from its rows of the stacked top-k."""
     ids = {rowid: m["gallery_id"] for rowid, m in meta.items()}
     k = int(t.wl["top_k"])
@@ -337,7 +337,7 @@ def _lists(top: TopK, lo: int, hi: int, t: Tonights, meta: dict[int, dict[str, A
     return out
 
 
-def _up_to_date(t: Tonights) -> bool:
+def _up_to_date(t: WatchlistNight) -> bool:
     """Nothing new it may see, and the same K and threshold as its last run: a new run would be a copy."""
     basis = t.basis
     assert basis is not None
@@ -345,7 +345,7 @@ def _up_to_date(t: Tonights) -> bool:
     return t.fresh == 0 and same
 
 
-def _skip(t: Tonights) -> dict[str, Any]:
+def _skip(t: WatchlistNight) -> dict[str, Any]:
     basis = t.basis
     return {
         "watchlist_id": t.watchlist_id,
