@@ -350,10 +350,16 @@ def metadata(table: PinnedTable, rowids: np.ndarray) -> dict[int, dict[str, Any]
 
 def ranked_candidates(table: PinnedTable, top: TopK, probes: list[dict[str, Any]], k: int) -> list[list[Candidate]]:
     """Per probe, its top k by (score desc, gallery id asc), named from the table."""
-    meta = metadata(table, top.all_rowids())
+    return named_candidates(top, metadata(table, top.all_rowids()), probes, k)
+
+
+def named_candidates(
+    top: TopK, meta: dict[int, dict[str, Any]], probes: list[dict[str, Any]], k: int, first_row: int = 0
+) -> list[list[Candidate]]:
+    """The top k of `probes`, which are rows `first_row`... of `top`, named from `meta` (row id -> names)."""
     ids = {rowid: m["gallery_id"] for rowid, m in meta.items()}
     out = []
-    for row, probe in enumerate(probes):
+    for row, probe in enumerate(probes, start=first_row):
         out.append(
             [
                 Candidate(

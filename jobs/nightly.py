@@ -29,6 +29,7 @@ from jobs.match import (
     gallery_table,
     match_watchlist,
     metadata,
+    named_candidates,
     parent_candidates,
     pin_table,
 )
@@ -59,7 +60,6 @@ from pipelines.delta import (
 )
 from pipelines.engines import Engine, EngineOptions, open_engine
 from pipelines.faults import crash_point
-from pipelines.matcher import TopK, ranked
 from pipelines.results import latest_runs
 from pipelines.settings import Settings
 from pipelines.sql import sql_list
@@ -216,7 +216,7 @@ def _delta_pass(settings: Settings, pinned: PinnedTable | None, model_id: str, g
     since = min(t.basis.gallery_version for t in group if t.basis)
     stamp = written_since(pinned, since)
     groups: list[DeltaGroup] = []
-    slots: dict[str, tuple[int, int, int]] = {}  # watchlist id -> (group index, first probe row, last)
+    slots: dict[str, tuple[int, int]] = {}  # watchlist id -> (group index, its first probe row in the stack)
     rows = count_rows(pinned, f"model_id IN {sql_list([model_id])}")
     for t in group:
         t.rows = rows
@@ -229,7 +229,7 @@ def _delta_pass(settings: Settings, pinned: PinnedTable | None, model_id: str, g
         for chunk in _stacks(members):
             row = 0
             for t in chunk:
-                slots[t.watchlist_id] = (len(groups), row, row + len(t.probes))
+                slots[t.watchlist_id] = (len(groups), row)
                 row += len(t.probes)
             stacked = np.concatenate([t.vectors for t in chunk]) if row else np.zeros((0, 1), np.float32)
             groups.append(DeltaGroup(allow, stacked, max(int(t.wl["top_k"]) for t in chunk), settings.device))
@@ -252,10 +252,10 @@ def _delta_pass(settings: Settings, pinned: PinnedTable | None, model_id: str, g
         if weights[t.watchlist_id] - known:
             t.reason = "weights_changed"
             continue
-        index, lo, hi = slots[t.watchlist_id]
+        index, first = slots[t.watchlist_id]
         t.fresh = fresh[t.watchlist_id]
         t.weights = tuple(sorted(known))
-        t.delta = _lists(groups[index].top, lo, hi, t, meta)
+        t.delta = named_candidates(groups[index].top, meta, t.probes, int(t.wl["top_k"]), first)
 
 
 def _stacks(members: list[WatchlistNight]) -> list[list[WatchlistNight]]:
@@ -312,29 +312,6 @@ def _check_parents(pinned: PinnedTable, model_id: str, group: list[WatchlistNigh
 
 def _after(stamp: int | None, version: int) -> bool:
     return stamp is not None and stamp >= version
-
-
-def _lists(top: TopK, lo: int, hi: int, t: WatchlistNight, meta: dict[int, dict[str, Any]]) -> list[list[Candidate]]:
-    """One watchlist's own top K from its rows of the stacked top-k."""
-    ids = {rowid: m["gallery_id"] for rowid, m in meta.items()}
-    k = int(t.wl["top_k"])
-    out = []
-    for row, probe in zip(range(lo, hi), t.probes, strict=True):
-        out.append(
-            [
-                Candidate(
-                    probe_id=probe["probe_id"],
-                    gallery_id=meta[rowid]["gallery_id"],
-                    score=float(np.float32(score)),
-                    image_id=meta[rowid]["image_id"],
-                    record_id=meta[rowid]["record_id"],
-                    source_id=meta[rowid]["source_id"],
-                    subject_id=meta[rowid]["subject_id"],
-                )
-                for score, rowid in ranked(top, row, ids, k)
-            ]
-        )
-    return out
 
 
 def _up_to_date(t: WatchlistNight) -> bool:
