@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 import typer
 
 from jobs.options import iso_date, location
-from pipelines.errors import GalleryMatchError
+from pipelines.errors import Refused
 
 if TYPE_CHECKING:
     from jobs.ingest import Engine
@@ -453,8 +453,9 @@ _register_accountability()
 
 
 def _choice(flag: str, value: str, valid: tuple[str, ...]) -> None:
+    """Refused before any work (exit 2), like every other bad option value."""
     if value not in valid:
-        raise GalleryMatchError(f"{flag} must be one of {', '.join(valid)}; got {value!r}")
+        raise Refused(f"{flag} must be one of {', '.join(valid)}; got {value!r}")
 
 
 def _named(candidate: dict[str, Any]) -> str:

@@ -104,6 +104,21 @@ def test_usage_errors_exit_2_with_usage_and_no_traceback(home: Settings) -> None
     assert not home.local_home.exists()  # refused before any work
 
 
+BAD_CHOICES = [
+    ["nightly", "--engine", "spark"],
+    ["match", "wl-x", "--engine", "spark"],
+    ["match", "wl-x", "--index", "hnsw"],
+    ["ingest", "shards", "--engine", "spark"],
+]
+
+
+def test_values_off_a_closed_list_are_refused(home: Settings) -> None:
+    for args, proc in zip(BAD_CHOICES, cli_all(home, BAD_CHOICES), strict=True):
+        [line] = quiet_failure(proc, 2)
+        assert line.startswith(f"error: {args[-2]} must be one of") and repr(args[-1]) in line, line
+    assert not home.local_home.exists()  # refused before the home is touched
+
+
 BAD_DATES = [
     [*SUBMIT, *VALID, "--expires", "20270101"],
     [*SUBMIT, *VALID, "--expires", "2027-W01-1"],
