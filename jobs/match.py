@@ -90,14 +90,7 @@ def run_match(
                 settings, gallery, runner, log, wl, probes, vectors, now, plan, method, nprobes, refine
             )
     finally:
-        close_engine(runner)
-
-
-def close_engine(runner: Any) -> None:
-    """Let the engine release what it started for this job (the Modal app of the night, say)."""
-    close = getattr(runner, "close", None)
-    if close is not None:
-        close()
+        runner.close()
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ import numpy as np
 
 from jobs.match import (
     RunPlan,
-    close_engine,
     full_plan,
     gallery_filter,
     gallery_table,
@@ -118,7 +117,7 @@ def run_nightly(settings: Settings, engine: str = "local", now: dt.datetime | No
                     up_to_date=[{k: x[k] for k in ("watchlist_id", "last_run_id", "gallery_version")} for x in skipped],
                 )
     finally:
-        close_engine(runner)
+        runner.close()  # what prepare_runtime held for the night (Modal's app run)
     return {"runs": runs, "skipped": skipped, "retention": retention, "cases": _by_case(runs), "engine": engine}
 
 
