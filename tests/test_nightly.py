@@ -602,3 +602,24 @@ def test_rows_written_without_a_stamp_force_a_full_run(tmp_path: Path) -> None:
     night = by_watchlist(run_nightly(world.settings))[wid]
     assert night["full_reason"] == "untracked_writes"
     assert rows_of(world.settings, night["run_id"]) == world.expected(wid, 2, False)
+
+
+def test_amend_refuses_crafted_ids_and_closed_watchlists_and_is_audited(tmp_path: Path) -> None:
+    from jobs.admin import close
+    from pipelines.errors import Refused
+
+    world = World(tmp_path)
+    world.put([f"r{i}" for i in range(5)], signs(5, 1), [False] * 5, ["s"] * 5)
+    wid = world.watch(signs(1, 2))
+    for watchlist_id, requester in ((f"{wid}' OR '1'='1", "analyst-1"), (wid, "analyst\n1"), (wid, "")):
+        with pytest.raises(Refused):
+            amend(world.settings, watchlist_id, requester, top_k=4)
+    with pytest.raises(Refused):
+        amend(world.settings, wid, "analyst-1", top_k=0)
+    amend(world.settings, wid, "analyst-1", top_k=4, threshold=0.75)
+    records = [r for r in AuditLog.of(world.settings).records() if r["action"] == "watchlist.amend"]
+    assert [r["phase"] for r in records] == ["intent", "outcome"]
+    assert records[0]["before"]["top_k"] == 3 and records[0]["after"] == {"top_k": 4, "threshold": 0.75}
+    close(world.settings, wid, "analyst-1")
+    with pytest.raises(Refused):
+        amend(world.settings, wid, "analyst-1", top_k=5)
