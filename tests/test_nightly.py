@@ -560,7 +560,7 @@ def test_rows_written_around_the_stamp_are_never_missed(tmp_path: Path) -> None:
     wid = world.watch(probe, top_k=2)
     run_nightly(world.settings)
     original = store._stamped
-    sneaked = []
+    sneaked: list[int] = []
 
     def stamp_then_interleave(rows: pa.Table, version: int | None = None) -> pa.Table:
         out = original(rows, version)
@@ -570,11 +570,11 @@ def test_rows_written_around_the_stamp_are_never_missed(tmp_path: Path) -> None:
             run_nightly(world.settings)
         return out
 
-    store._stamped = stamp_then_interleave  # type: ignore[assignment]
+    store._stamped = stamp_then_interleave
     try:
         world.put(["hit"], probe, [False], ["s"])
     finally:
-        store._stamped = original  # type: ignore[assignment]
+        store._stamped = original
     night = by_watchlist(run_nightly(world.settings))
     assert wid in night, "the exact copy of the probe was written after the last run: it must be matched"
     assert rows_of(world.settings, night[wid]["run_id"]) == world.expected(wid, 2, False)
@@ -589,6 +589,7 @@ def test_rows_written_without_a_stamp_force_a_full_run(tmp_path: Path) -> None:
     run_nightly(world.settings)
     gallery = Gallery(world.settings.storage)
     table = gallery.open("image_embeddings")
+    assert table is not None
     row = gallery.read("image_embeddings", where=f"embedding_id = '{world.gid('r0')}'")
     bare = row.set_column(row.column_names.index("embedding_id"), "embedding_id", pa.array(["bare-row"]))
     vector = pa.FixedSizeListArray.from_arrays(pa.array(probe[0] / 4.0, pa.float32()), DIM)
