@@ -12,10 +12,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.session import writer_session
+from lance_tables.calibrations import get_calibration
 from lance_tables.delta import PinnedTable, count_rows, weights_of, written_unstamped
 from lance_tables.store import Gallery
 from lance_tables.watchlists import get_watchlist, read_probes
 from pipelines.audit import AuditLog, digest
+from pipelines.calibration import Calibration, threshold_warnings
 from pipelines.delta import DELTA_BASIS, Candidate, Mode, merge, model_weights, probes_digest, with_history
 from pipelines.engines import Engine, EngineOptions, open_engine
 from pipelines.errors import Refused
@@ -239,6 +241,7 @@ def _match(
         lists = [with_history(ranked, first_seen_of(plan)) for ranked in lists]
     rows = result_rows(wl, probes, lists, run_id, version, now)
     new = rows.filter(pc.field("new_since_parent"))
+    calibration = _calibration_of(settings, wl)
     manifest = {
         "run_id": run_id,
         "watchlist_id": wl["watchlist_id"],
@@ -269,8 +272,23 @@ def _match(
         "gallery_rows": rows_of_model,
         "unstamped_rows": unstamped,
         "delta_basis": DELTA_BASIS,
+        "calibration": calibration.summary() if calibration is not None else None,
+        "threshold_warnings": threshold_warnings(calibration, weights, rows_of_model)
+        if wl["modality"] == "face"
+        else [],
     }
     return manifest | extra | {"rows": rows}
+
+
+def _calibration_of(settings: Settings, wl: dict[str, Any]) -> Calibration | None:
+    """The calibration the watchlist's threshold came from (None: given by hand, or its record is gone)."""
+    ident = wl.get("calibration_id")
+    if not ident:
+        return None
+    try:
+        return get_calibration(Gallery(settings.storage), str(ident))
+    except Refused:
+        return None
 
 
 def _count(column: Any) -> int:

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from jobs.session import writer_session
+from lance_tables.calibrations import get_calibration, latest_calibration
 from lance_tables.store import Gallery
 from lance_tables.watchlists import store_watchlist
 from pipelines.audit import digest, table_versions
+from pipelines.calibration import Calibration, ThresholdChoice, float32_at_least
 from pipelines.decode import DecodeLimits
 from pipelines.errors import Refused
 from pipelines.models import face_spec, image_spec
@@ -38,6 +40,7 @@ class Submission:
     top_k: int | None = None
     threshold: float | None = None
     expires: dt.date | None = None
+    calibrated: ThresholdChoice | None = None  # `--threshold calibrated[:ID]`: the threshold of a calibration
 
 
 def check_purpose_binding(sub: Submission, settings: Settings, now: dt.datetime) -> dt.datetime:
@@ -105,6 +108,9 @@ def _submit(
     top_k = settings.default_top_k if sub.top_k is None else sub.top_k
     threshold = settings.default_threshold if sub.threshold is None else sub.threshold
     _check_numbers(top_k, threshold)
+    calibration = None
+    if sub.calibrated is not None and sub.calibrated.calibration_id is not None:  # refused before any work
+        calibration = _calibration_for(gallery, sub.calibrated, model_id, None)
     if gallery_rows(gallery, sub.modality, model_id) == 0:
         raise Refused(
             f"the gallery has no {sub.modality} embeddings of model {model_id!r}: nothing to match "
@@ -113,6 +119,9 @@ def _submit(
     probes = _make_probes(settings, sub, model_id, gallery)
     if not probes.rows:
         raise Refused(f"no probes could be made from {sub.probes}: {probes.report}")
+    if sub.calibrated is not None:
+        calibration = _calibration_for(gallery, sub.calibrated, model_id, probes.weights_digest)
+        threshold = float32_at_least(calibration.threshold)
     record = {
         "watchlist_id": watchlist_id,
         "name": sub.name,
@@ -131,6 +140,7 @@ def _submit(
         "expires_at": expires,
         "closed_at": None,
         "closed_by": None,
+        "calibration_id": calibration.calibration_id if calibration is not None else None,
     }
     store_watchlist(gallery, record, probes.rows, probes.vectors)
     return record, probes
@@ -163,6 +173,33 @@ def amend(
             record |= after
             gallery.upsert("watchlists", to_arrow([record], WATCHLISTS))
     return {k: v for k, v in record.items() if k != "weights_digest"}
+
+
+def _calibration_for(
+    gallery: Gallery, choice: ThresholdChoice, model_id: str, weights_digest: str | None
+) -> Calibration:
+    """The calibration `--threshold calibrated[:ID]` names, checked against the probes' model and weights."""
+    if choice.calibration_id is not None:
+        calibration = get_calibration(gallery, choice.calibration_id)
+        if calibration.model_id != model_id:
+            raise Refused(
+                f"calibration {calibration.calibration_id} is of model {calibration.model_id!r}, "
+                f"the probes are of {model_id!r}"
+            )
+        if weights_digest is not None and calibration.weights_digest != weights_digest:
+            raise Refused(
+                f"calibration {calibration.calibration_id} was made for weights {calibration.weights_digest[:23]}..., "
+                f"the probes were made with {weights_digest[:23]}...: calibrate these weights first"
+            )
+        return calibration
+    found = latest_calibration(gallery, model_id, weights_digest) if weights_digest else None
+    if found is None:
+        raise Refused(
+            f"--threshold calibrated: no calibration of model {model_id!r} with these weights exists. Run "
+            f"`gallerymatch calibrate --model-id {model_id} --target-fpir 0.001 --requested-by ID "
+            "[--non-mated DIR]` first, or give the threshold as a number"
+        )
+    return found
 
 
 def _check_numbers(top_k: int, threshold: float) -> None:

@@ -140,6 +140,8 @@ WATCHLISTS = pa.schema(
         pa.field("expires_at", TS, nullable=False),
         pa.field("closed_at", TS),
         pa.field("closed_by", pa.string()),
+        # The calibration record the threshold came from (`--threshold calibrated`); null: given by hand.
+        pa.field("calibration_id", pa.string()),
     ]
 )
 
@@ -172,6 +174,53 @@ REVIEWS = pa.schema(
         pa.field("status", pa.string(), nullable=False),
         pa.field("reviewer", pa.string(), nullable=False),
         pa.field("reviewed_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+# `gallerymatch evaluate` on a labelled set the user holds: the figures, and the score distributions
+# `calibrate` estimates from. Identity names and photos are never stored: counts, scores and digests only.
+EVALUATIONS = pa.schema(
+    [
+        pa.field("evaluation_id", pa.string(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("weights_digest", pa.string(), nullable=False),
+        pa.field("dataset_digest", pa.string(), nullable=False),  # sha256 over the photos' digests and labels
+        pa.field("identities", pa.int64(), nullable=False),
+        pa.field("mated_searches", pa.int64(), nullable=False),
+        pa.field("non_mated_searches", pa.int64(), nullable=False),
+        pa.field("failed_to_enrol", pa.int64(), nullable=False),
+        pa.field("figures", pa.string(), nullable=False),  # the JSON `evaluate --json` printed
+        pa.field("mated_scores", pa.list_(pa.float64()), nullable=False),  # one per mated search with a face
+        pa.field("mated_failed", pa.int64(), nullable=False),  # mated searches without a face: misses
+        pa.field("impostor_pairs", pa.int64(), nullable=False),  # 1:1 impostor pairs compared
+        pa.field("impostor_tail", pa.list_(pa.float64()), nullable=False),  # their highest scores, descending
+        pa.field("created_at", TS, nullable=False),
+        pa.field("requested_by", pa.string(), nullable=False),
+    ]
+)
+
+# `gallerymatch calibrate`: a threshold for a target FPIR at the operational gallery's size.
+CALIBRATIONS = pa.schema(
+    [
+        pa.field("calibration_id", pa.string(), nullable=False),
+        pa.field("model_id", pa.string(), nullable=False),
+        pa.field("weights_digest", pa.string(), nullable=False),
+        pa.field("gallery_table", pa.string(), nullable=False),
+        pa.field("gallery_version", pa.int64(), nullable=False),
+        pa.field("gallery_rows", pa.int64(), nullable=False),  # N: rows of the model searched
+        pa.field("gallery_filter", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),  # measured | estimate
+        pa.field("probe_count", pa.int64(), nullable=False),  # non-mated searches (measured) or impostor pairs
+        pa.field("probe_source", pa.string(), nullable=False),  # what they were, by digest or evaluation id
+        pa.field("target_fpir", pa.float64(), nullable=False),
+        pa.field("threshold", pa.float64(), nullable=False),
+        pa.field("fpir", pa.float64(), nullable=False),  # measured (or estimated) at the threshold
+        pa.field("fpir_low", pa.float64(), nullable=False),  # 95% Clopper-Pearson interval
+        pa.field("fpir_high", pa.float64(), nullable=False),
+        pa.field("fnir", pa.float64()),  # at the threshold, from the latest evaluation of these weights
+        pa.field("fnir_source", pa.string()),
+        pa.field("created_at", TS, nullable=False),
+        pa.field("requested_by", pa.string(), nullable=False),
     ]
 )
 
@@ -234,6 +283,8 @@ KEYS = {
     "ledger": "ledger_key",
     "watchlists": "watchlist_id",
     "probes": "probe_key",
+    "evaluations": "evaluation_id",
+    "calibrations": "calibration_id",
 }
 
 FIXED = {
@@ -244,6 +295,8 @@ FIXED = {
     "ledger": LEDGER,
     "watchlists": WATCHLISTS,
     "probes": PROBES,
+    "evaluations": EVALUATIONS,
+    "calibrations": CALIBRATIONS,
 }
 
 

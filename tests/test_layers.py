@@ -38,6 +38,9 @@ LAYER_OF: dict[str, str] = {
     "pipelines.kernels": "core",
     "pipelines.signing": "core",
     "pipelines.task": "core",
+    "pipelines.accuracy": "core",
+    "pipelines.calibration": "core",
+    "pipelines.facenet_convert": "core",
     # What persisted data looks like, declared once, and how values are quoted into its predicates.
     "pipelines.schemas": "schemas",
     "pipelines.sql": "schemas",
@@ -60,6 +63,7 @@ LAYER_OF: dict[str, str] = {
     "pipelines.match_unit": "storage",
     "lance_tables": "storage",
     "lance_tables.ann": "storage",
+    "lance_tables.calibrations": "storage",
     "lance_tables.delta": "storage",
     "lance_tables.erasure": "storage",
     "lance_tables.ledger": "storage",
@@ -74,7 +78,9 @@ LAYER_OF: dict[str, str] = {
     "pipelines.engines.modal": "engines",
     # Jobs: every state change and its audit record, and the reads the commands show.
     "jobs": "jobs",
+    "jobs.accuracy": "jobs",
     "jobs.admin": "jobs",
+    "jobs.models": "jobs",
     "jobs.audit_job": "jobs",
     "jobs.erase": "jobs",
     "jobs.erase_steps": "jobs",
@@ -94,6 +100,7 @@ LAYER_OF: dict[str, str] = {
     # What people and data teams call: the command line (thin) and the Polars API.
     "jobs.cli": "interfaces",
     "jobs.cli_accountability": "interfaces",
+    "jobs.cli_accuracy": "interfaces",
     "jobs.api": "interfaces",
     # Deployment wrappers: import the project; nothing imports them.
     "infra": "infra",
