@@ -317,6 +317,7 @@ def _keep(
             )
             add_evaluation(gallery, record)
             op.record(
+                evaluation_id=evaluation_id,
                 inputs_digest=figures["dataset_digest"],
                 weights_digest=figures["weights_digest"],
                 counts={
@@ -394,6 +395,8 @@ def calibrate(
             )
             add_calibration(gallery, record)
             op.record(
+                calibration_id=calibration_id,
+                method=method,
                 threshold=threshold,
                 target_fpir=target_fpir,
                 fpir=fpir,

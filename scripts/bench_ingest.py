@@ -44,15 +44,21 @@ from lance_tables.store import Gallery
 from pipelines import samples
 from pipelines.decode import Decoded, decode_image
 from pipelines.embed import EmbedStage, ShardOutput
+from pipelines.errors import Refused
+from pipelines.faces import FaceEmbedder
+from pipelines.models import face_spec
 from pipelines.prepare import CHUNK, PreparedShard, PrepareStage, read_shard_rows
 from pipelines.settings import Settings
 from pipelines.shards import find_shards, pack_folder
-from pipelines.task import IngestTask, WorkItem
+from pipelines.task import IngestTask, Modality, WorkItem
 
 FACE = "facenet-untrained"
 IMAGE = "clip-untrained"
 SOURCE = "bench"
 SECTION = "## Ingest (scripts/bench_ingest.py)"
+TRAINED_FACE = "facenet-casia-webface"  # the trained face weights `gallerymatch models install` builds
+TRAINED_SECTION = f"## Ingest with trained face weights (scripts/bench_ingest.py --face-model {TRAINED_FACE})"
+COMPARE_ROUNDS = 2  # trained and untrained face embedding timed alternately this many times each; best of each
 DEFAULT_IMAGES = 1536
 DEFAULT_S3_IMAGES = 256  # the local-home / S3-home comparison: ingest is model-bound, a small corpus shows the I/O
 TARGET = 0.7
@@ -82,10 +88,39 @@ class Row:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class Models:
+    """The models and modality a run ingests with (`--face-model`, `--modality`, `--models-dir`)."""
+
+    face: str = FACE
+    image: str = IMAGE
+    modality: Modality = "all"
+    models_dir: Path | None = None  # None: GALLERYMATCH_MODELS_DIR or HOME/models
+
+    @property
+    def face_trained(self) -> bool:
+        return not face_spec(self.face).untrained
+
+    @property
+    def wants_face(self) -> bool:
+        return self.modality in ("face", "all")
+
+    @property
+    def wants_image(self) -> bool:
+        return self.modality in ("image", "all")
+
+    def child_args(self) -> list[str]:
+        """These options again, for a child process of this script."""
+        out = ["--face-model", self.face, "--modality", self.modality]
+        return out + (["--models-dir", str(self.models_dir)] if self.models_dir is not None else [])
+
+
 @dataclass
 class Results:
     """Throughput rows by key, and one-time costs (seconds) kept out of them."""
 
+    models: Models = field(default_factory=Models)
+    face_digest: str = ""  # weights digest of the face model measured (stage 2 alone)
     rows: dict[str, Row] = field(default_factory=dict)
     once: dict[str, float] = field(default_factory=dict)
     startup: dict[str, float] = field(default_factory=dict)  # per engine: job start to the first commit
@@ -111,13 +146,16 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
     return value, time.perf_counter() - start
 
 
-def make_settings(home: Path | str) -> Settings:
-    """Like the tests: downloads off, Ray limited to the usable cores; the rest from GALLERYMATCH_* or defaults."""
+def make_settings(home: Path | str, models_dir: Path | None = None) -> Settings:
+    """Like the tests: downloads off, Ray limited to the usable cores; the rest from GALLERYMATCH_* or defaults
+    (`models_dir` overrides GALLERYMATCH_MODELS_DIR)."""
     values: dict[str, object] = {
         "home": str(home),
         "model_downloads": False,
         "ray_num_cpus": len(os.sched_getaffinity(0)),
     }
+    if models_dir is not None:
+        values["models_dir"] = str(models_dir)
     return Settings(**values)  # type: ignore[arg-type]
 
 
@@ -186,27 +224,31 @@ def measure_prepare(
     task: IngestTask, items: list[WorkItem], decoded: list[list[Image.Image]], res: Results
 ) -> list[PreparedShard]:
     """Stage 1 whole, then its detect and CLIP-prep parts on the pre-decoded images."""
-    stage = PrepareStage(task)
-    _, res.once["stage 1 setup (MTCNN, CLIP transform) + warm-up"] = timed(lambda: warm_prepare(stage, decoded))
+    stage, m = PrepareStage(task), res.models
+    parts = ["MTCNN"] * m.wants_face + ["CLIP transform"] * m.wants_image
+    _, res.once[f"stage 1 setup ({', '.join(parts)}) + warm-up"] = timed(lambda: warm_prepare(stage, decoded))
     prepared, seconds = timed(lambda: [stage.process(item) for item in items])
     faces = sum(len(p.faces) for p in prepared)
+    work = ["read", "decode"] + ["detect", "crops"] * m.wants_face + ["CLIP prep"] * m.wants_image
     res.rows["prepare"] = Row(
-        "**stage 1 alone** (`PrepareStage.process`: read, decode, detect, crops, CLIP prep)",
+        f"**stage 1 alone** (`PrepareStage.process`: {', '.join(work)})",
         sum(len(p.images) for p in prepared),
         seconds,
         f"{faces} faces",
     )
-    res.rows["detect"] = Row(
-        "detect only (`FaceDetector.detect`, pre-decoded)",
-        sum(map(len, decoded)),
-        timed(lambda: detect_only(stage, decoded))[1],
-        f"chunks of {CHUNK}, as stage 1",
-    )
-    res.rows["clip_prep"] = Row(
-        "CLIP prep only (`ClipPreparer.prepare`, pre-decoded)",
-        sum(map(len, decoded)),
-        timed(lambda: clip_prep_only(stage, decoded))[1],
-    )
+    if stage.detector is not None:
+        res.rows["detect"] = Row(
+            "detect only (`FaceDetector.detect`, pre-decoded)",
+            sum(map(len, decoded)),
+            timed(lambda: detect_only(stage, decoded))[1],
+            f"chunks of {CHUNK}, as stage 1",
+        )
+    if stage.preparer is not None:
+        res.rows["clip_prep"] = Row(
+            "CLIP prep only (`ClipPreparer.prepare`, pre-decoded)",
+            sum(map(len, decoded)),
+            timed(lambda: clip_prep_only(stage, decoded))[1],
+        )
     return prepared
 
 
@@ -231,28 +273,73 @@ def clip_prep_only(stage: PrepareStage, decoded: list[list[Image.Image]]) -> Non
             stage.preparer.prepare(img)
 
 
+def weights_words(model_id: str) -> str:
+    return "seeded random weights" if face_spec(model_id).untrained else "trained weights"
+
+
 def measure_embed(task: IngestTask, prepared: list[PreparedShard], res: Results) -> None:
-    """Stage 2 whole (models loaded first), then each model alone on the same inputs."""
-    stage = EmbedStage(task)
-    _, res.once["stage 2 setup (InceptionResnetV1, ViT-B-32, weight digests) + warm-up"] = timed(
+    """Stage 2 whole (models loaded first), then each model alone on the same inputs; with trained face weights
+    also the untrained face model on the same crops, timed alternately with the trained one."""
+    stage, m = EmbedStage(task), res.models
+    parts = ["InceptionResnetV1"] * m.wants_face + ["ViT-B-32"] * m.wants_image
+    _, res.once[f"stage 2 setup ({', '.join(parts)}, weight digests) + warm-up"] = timed(
         lambda: warm_embed(stage, prepared)
     )
     images = sum(len(p.images) for p in prepared)
     _, seconds = timed(lambda: [stage.process(p) for p in prepared])
-    res.rows["embed"] = Row("**stage 2 alone** (`EmbedStage.process`: both models, rows)", images, seconds)
+    models = "both models" if m.wants_face and m.wants_image else "face model" if m.wants_face else "image model"
+    res.rows["embed"] = Row(f"**stage 2 alone** (`EmbedStage.process`: {models}, rows)", images, seconds)
     face, image = stage.face, stage.image
-    assert face is not None and image is not None
-    crops = sum(len(p.face_crops) for p in prepared)
-    res.rows["face_embed"] = Row(
-        "face embed only (InceptionResnetV1)",
-        images,
-        timed(lambda: [face.embed(p.face_crops) for p in prepared])[1],
-        f"{crops} crops",
+    if face is not None:
+        res.face_digest = face.weights_digest
+        crops = sum(len(p.face_crops) for p in prepared)
+        name = f"face embed only (InceptionResnetV1, {m.face} {weights_words(m.face)})"
+        if m.face_trained:
+            measure_face_pair(task, face, prepared, images, crops, res)
+        else:
+            seconds = timed(lambda: [face.embed(p.face_crops) for p in prepared])[1]
+            res.rows["face_embed"] = Row(name, images, seconds, f"{crops} crops")
+    if image is not None:
+        res.rows["image_embed"] = Row(
+            "image embed only (open_clip ViT-B-32)",
+            images,
+            timed(lambda: [image.embed(p.clip_inputs) for p in prepared])[1],
+        )
+
+
+def embed_all(model: FaceEmbedder, prepared: list[PreparedShard]) -> float:
+    """Seconds to embed every shard's face crops with `model`."""
+    return timed(lambda: [model.embed(p.face_crops) for p in prepared])[1]
+
+
+def measure_face_pair(
+    task: IngestTask, face: FaceEmbedder, prepared: list[PreparedShard], images: int, crops: int, res: Results
+) -> None:
+    """The trained face model and the untrained one (same architecture) on the same crops, alternately
+    COMPARE_ROUNDS times each, best round of each: the same compute should give the same rate."""
+    from pipelines.models import resolve_device
+
+    device = resolve_device(task.device)
+    (untrained, seconds) = timed(
+        lambda: FaceEmbedder(FACE, Path(task.models_dir), task.downloads, task.face_batch_size, device)
     )
-    res.rows["image_embed"] = Row(
-        "image embed only (open_clip ViT-B-32)",
+    res.once[f"load {FACE} for the comparison row"] = seconds
+    first = next((p.face_crops[:1] for p in prepared if len(p.face_crops)), None)
+    if first is not None:
+        untrained.embed(first)
+    best = {"trained": float("inf"), "untrained": float("inf")}
+    for _ in range(COMPARE_ROUNDS):
+        for key, model in (("trained", face), ("untrained", untrained)):
+            best[key] = min(best[key], embed_all(model, prepared))
+    note = f"{crops} crops; best of {COMPARE_ROUNDS} rounds, alternating with the other face row"
+    res.rows["face_embed"] = Row(
+        f"**face embed only (InceptionResnetV1, {res.models.face} trained weights)**", images, best["trained"], note
+    )
+    res.rows["face_embed_untrained"] = Row(
+        f"face embed only (InceptionResnetV1, {FACE} seeded random weights), same crops",
         images,
-        timed(lambda: [image.embed(p.clip_inputs) for p in prepared])[1],
+        best["untrained"],
+        note,
     )
 
 
@@ -271,7 +358,8 @@ def warm_embed(stage: EmbedStage, prepared: list[PreparedShard]) -> None:
 
 def measure_engine(engine: Engine, tmp: Path, corpus: Corpus, res: Results) -> None:
     """run_ingest into a fresh home; Ray is started (and timed) before, model loads in actors are inside."""
-    settings = make_settings(tmp / f"home-{engine}")
+    m = res.models
+    settings = make_settings(tmp / f"home-{engine}", m.models_dir)
     register(settings)
     if engine == "ray":
         from pipelines.engines.ray import start_ray
@@ -279,7 +367,9 @@ def measure_engine(engine: Engine, tmp: Path, corpus: Corpus, res: Results) -> N
         _, res.once["Ray start (`start_ray`)"] = timed(lambda: start_ray(settings.ray_address, settings.ray_num_cpus))
     with recorded_commits() as commits:
         start = time.perf_counter()
-        summary, seconds = timed(lambda: run_ingest(settings, corpus.shards_dir, "all", engine, FACE, IMAGE, False))
+        summary, seconds = timed(
+            lambda: run_ingest(settings, corpus.shards_dir, m.modality, engine, m.face, m.image, False)
+        )
     if len(commits) >= 2:
         res.startup[engine] = commits[0][0] - start
         steady_images = sum(n for _, n in commits[1:])
@@ -297,8 +387,16 @@ def measure_engine(engine: Engine, tmp: Path, corpus: Corpus, res: Results) -> N
         "model loads included"
     )
     res.rows[f"e2e_{engine}"] = Row(
-        f"**end to end, {engine}** (`run_ingest`, LanceDB commits)", summary["images"], seconds, note
+        f"**end to end, {engine}** (`run_ingest`, LanceDB commits{e2e_words(m)})", summary["images"], seconds, note
     )
+
+
+def e2e_words(m: Models) -> str:
+    """What the end-to-end rows ran with, where it is not the default (both untrained models, modality all)."""
+    words = [f"{m.face} {weights_words(m.face)}"] * (m.face != FACE) + [f"modality `{m.modality}`"] * (
+        m.modality != "all"
+    )
+    return "".join(f"; {w}" for w in words)
 
 
 @contextmanager
@@ -716,17 +814,17 @@ def import_ingest_libraries() -> None:
         importlib.import_module(module)
 
 
-def ingest_child(home: str, shards: str) -> int:
+def ingest_child(home: str, shards: str, m: Models) -> int:
     """`run_ingest` once on the local engine, libraries imported before the clock; one JSON line on stdout."""
     _, imports = timed(import_ingest_libraries)
-    settings = make_settings(home)
+    settings = make_settings(home, m.models_dir)
     spent: dict[str, float] = {}
     calls: dict[str, int] = {}
     spans: list[tuple[str, float, float]] = []
     wrap_functions(INGEST_PHASES, spent, calls, spans)
     with recorded_commits() as commits:
         start = time.perf_counter()
-        summary, seconds = timed(lambda: run_ingest(settings, shards, "all", "local", FACE, IMAGE, False))
+        summary, seconds = timed(lambda: run_ingest(settings, shards, m.modality, "local", m.face, m.image, False))
     out = {"seconds": seconds, "imports": imports, "images": summary["images"], "shards": summary["shards"]}
     out |= {
         "startup": commits[0][0] - start if commits else seconds,
@@ -738,9 +836,9 @@ def ingest_child(home: str, shards: str) -> int:
     return 0
 
 
-def run_home(label: str, home: str, shards: str, expected: int, s3: LoopbackS3) -> HomeRun:
+def run_home(label: str, home: str, shards: str, expected: int, s3: LoopbackS3, m: Models) -> HomeRun:
     mark = s3.tally.mark()
-    out = run_child([str(Path(__file__).resolve()), "--child-ingest", home, shards])
+    out = run_child([str(Path(__file__).resolve()), "--child-ingest", home, shards, *m.child_args()])
     if out["images"] != expected:
         raise RuntimeError(f"{label}: ingested {out['images']} images, expected {expected}")
     return HomeRun(label, requests=s3.tally.since(mark), **out)
@@ -763,21 +861,23 @@ def measure_s3_homes(args: argparse.Namespace, tmp: Path, task: IngestTask, res:
     with loopback_s3() as s3:
         bucket = s3.bucket()
         local_home = tmp / "home-s3-compare-local"
-        register(make_settings(local_home))
+        register(make_settings(local_home, res.models.models_dir))
         res.s3_runs.append(
-            run_home("local home, local shards", str(local_home), str(corpus.shards_dir), corpus.images, s3)
+            run_home("local home, local shards", str(local_home), str(corpus.shards_dir), corpus.images, s3, res.models)
         )
         shutil.rmtree(local_home, ignore_errors=True)
         home = f"s3://{bucket}/home-local-shards"
-        register(make_settings(home))
-        res.s3_runs.append(run_home("S3 home, local shards", home, str(corpus.shards_dir), corpus.images, s3))
+        register(make_settings(home, res.models.models_dir))
+        res.s3_runs.append(
+            run_home("S3 home, local shards", home, str(corpus.shards_dir), corpus.images, s3, res.models)
+        )
         (uri, seconds) = timed(lambda: s3.upload(corpus.shards_dir, bucket, "shards"))
         res.once["copy the comparison's shards to S3 (boto3 put_object)"] = seconds
         res.s3_skipped = s3_shards_supported(uri)
         if not res.s3_skipped:
             home = f"s3://{bucket}/home-s3-shards"
-            register(make_settings(home))
-            res.s3_runs.append(run_home("S3 home, s3:// shards", home, uri, corpus.images, s3))
+            register(make_settings(home, res.models.models_dir))
+            res.s3_runs.append(run_home("S3 home, s3:// shards", home, uri, corpus.images, s3, res.models))
     return corpus
 
 
@@ -893,6 +993,7 @@ ORDER = (
     "clip_prep",
     "prepare",
     "face_embed",
+    "face_embed_untrained",
     "image_embed",
     "embed",
     "e2e_local",
@@ -1064,17 +1165,63 @@ def render(
     lines += [
         f"- Data: {corpus.images} distinct JPEGs made from `pipelines.samples` ({corpus.with_faces} with faces: "
         f"the astronaut at 256/384/512 px and 2- and 3-face composites; the rest coffee/chelsea/rocket, no "
-        f"face), packed into {len(corpus.items)} shards of up to {args.rows_per_shard} rows; modality `all`.",
-        f"- Models: `{FACE}` and `{IMAGE}`, the real architectures (InceptionResnetV1, open_clip ViT-B-32) "
-        "with seeded random weights, because no pretrained weights can be had on these machines. The compute "
-        "per image is the real one; the embeddings mean nothing.",
+        f"face), packed into {len(corpus.items)} shards of up to {args.rows_per_shard} rows; modality "
+        f"`{res.models.modality}`.",
+        models_line(res),
         "",
     ]
     lines += [*throughput_lines(res), "", *once_lines(res), "", *ratio_lines(res), ""]
+    lines += face_compare_lines(res)
     if s3_corpus is not None:
         lines += s3_compare_lines(res, s3_corpus)
     lines += [*notes(res)[:-1], *s3_notes(res), ""]
     return "\n".join(lines) + "\n"
+
+
+def models_line(res: Results) -> str:
+    m = res.models
+    if not m.face_trained and m.modality == "all" and m.image == IMAGE:
+        return (
+            f"- Models: `{FACE}` and `{IMAGE}`, the real architectures (InceptionResnetV1, open_clip ViT-B-32) "
+            "with seeded random weights, because no pretrained weights can be had on these machines. The compute "
+            "per image is the real one; the embeddings mean nothing."
+        )
+    parts = []
+    if m.wants_face:
+        face = f"`{m.face}` (InceptionResnetV1, {weights_words(m.face)}"
+        if m.face_trained:
+            face += f", built offline by `gallerymatch models install {m.face}`"
+        parts.append(face + (f", weights digest `{res.face_digest[:23]}...`)" if res.face_digest else ")"))
+    if m.wants_image:
+        parts.append(f"`{m.image}` (open_clip ViT-B-32, {'seeded random' if m.image == IMAGE else 'trained'} weights)")
+    text = f"- Models: {' and '.join(parts)}"
+    if m.face_trained and m.wants_face:
+        text += (
+            f"; the comparison row runs `{FACE}` (the same architecture, seeded random weights) on the same crops "
+            "in the same process"
+        )
+    if m.modality != "all":
+        text += (
+            f". Modality `{m.modality}` only, so the end-to-end rows are not comparable with an `all` run's: the "
+            "face rows are"
+        )
+    return text + "."
+
+
+def face_compare_lines(res: Results) -> list[str]:
+    """The trained against the untrained face model on the same crops: the same architecture, the same compute."""
+    trained, untrained = res.rows.get("face_embed"), res.rows.get("face_embed_untrained")
+    if trained is None or untrained is None or not untrained.rate:
+        return []
+    ratio = trained.rate / untrained.rate
+    verdict = "the same within 10%" if abs(ratio - 1.0) <= 0.10 else "NOT within 10% of each other"
+    return [
+        f"Trained against untrained face weights on the same {trained.note.split(' crops')[0]} crops: "
+        f"{trained.rate:.2f} against {untrained.rate:.2f} images/s, ratio **{ratio:.2f}** ({verdict}). The two "
+        "are the same InceptionResnetV1 (the same layers, shapes and operations), so the compute per crop is the "
+        "same; only the values of the weights differ.",
+        "",
+    ]
 
 
 def notes(res: Results) -> list[str]:
@@ -1138,7 +1285,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--engines", default="local,ray", help="end-to-end engines, comma separated (local,ray)")
     parser.add_argument("--no-write", action="store_true", help="print the table only; leave the docs alone")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="docs file (%(default)s)")
-    parser.add_argument("--heading", default=SECTION, help="the docs section (its heading) to replace or append")
+    parser.add_argument(
+        "--heading",
+        default=None,
+        help=f"the docs section (its heading) to replace or append (default {SECTION!r}, or with a trained "
+        f"--face-model {TRAINED_SECTION!r})",
+    )
+    parser.add_argument(
+        "--face-model",
+        default=FACE,
+        help=f"face model id: {FACE} (seeded random weights) or trained weights such as {TRAINED_FACE} "
+        f"(`gallerymatch models install {TRAINED_FACE}` first) (default %(default)s)",
+    )
+    parser.add_argument(
+        "--modality",
+        choices=("all", "face"),
+        default="all",
+        help="what to ingest: face and image embeddings, or faces only (%(default)s)",
+    )
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="model weights directory (default: GALLERYMATCH_MODELS_DIR or HOME/models)",
+    )
     parser.add_argument(
         "--s3-images",
         type=int,
@@ -1149,6 +1319,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--child-ingest", nargs=2, metavar=("HOME", "SHARDS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.engine_list = [e.strip() for e in args.engines.split(",") if e.strip()]
+    try:
+        trained = not face_spec(args.face_model).untrained
+    except Refused as exc:
+        parser.error(f"--face-model: {exc}")
+    if args.heading is None:
+        args.heading = TRAINED_SECTION if trained and args.face_model == TRAINED_FACE else SECTION
+    args.models = Models(args.face_model, IMAGE, args.modality, args.models_dir)
     unknown = sorted(set(args.engine_list) - set(ENGINES))
     if unknown or args.images < 1 or args.rows_per_shard < 1 or args.s3_images < 0:
         parser.error(
@@ -1166,9 +1343,10 @@ def command_line(argv: list[str]) -> str:
 
 
 def run(args: argparse.Namespace, tmp: Path) -> tuple[Results, Corpus, Corpus | None]:
-    res, settings = Results(load=[os.getloadavg()[0]]), make_settings(tmp / "home-stages")
+    m: Models = args.models
+    res, settings = Results(models=m, load=[os.getloadavg()[0]]), make_settings(tmp / "home-stages", m.models_dir)
     res.device = settings.device
-    task = IngestTask.from_settings(settings, "all", FACE, IMAGE)
+    task = IngestTask.from_settings(settings, m.modality, m.face, m.image)
     corpus = build_corpus(tmp, args.images, args.rows_per_shard, task)
     decoded = measure_decode(task, corpus.items, res)
     prepared = measure_prepare(task, corpus.items, decoded, res)
@@ -1185,7 +1363,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", "lancedb fork support is experimental", RuntimeWarning)
     if args.child_ingest:
-        return ingest_child(*args.child_ingest)
+        home, shards = args.child_ingest
+        return ingest_child(home, shards, args.models)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-ingest-") as name:
             res, corpus, s3_corpus = run(args, Path(name))
