@@ -116,3 +116,28 @@ def write_sample_gallery(folder: Path, with_bad_inputs: bool = True) -> dict[str
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(data)
     return {"files": len(files)}
+
+
+def face_variants(img: Image.Image) -> dict[str, bytes]:
+    """The same face photographed again, roughly: as taken, mirrored, rescaled, JPEG-recompressed."""
+    w, h = img.size
+    return {
+        "as-taken.png": encode(img, "PNG"),
+        "mirrored.png": encode(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "PNG"),
+        "rescaled.png": encode(img.resize((int(w * 0.6), int(h * 0.6))).resize((w, h)), "PNG"),
+        "jpeg-q40.jpg": encode(img, "JPEG", quality=40),
+    }
+
+
+def write_labelled_set(folder: Path) -> dict[str, int]:
+    """A labelled folder for `gallerymatch evaluate`: one sub-folder per identity, the two public-domain faces
+    scikit-image ships (NASA's astronaut, the cameraman) in variants, and one photo without a face."""
+    identities = {"person-a": astronaut(), "person-b": _skimage("camera")}
+    files = 0
+    for name, img in identities.items():
+        for rel, data in face_variants(img).items():
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            (folder / name / rel).write_bytes(data)
+            files += 1
+    (folder / "person-a" / "no-face.jpg").write_bytes(encode(_skimage("coffee"), "JPEG", quality=90))
+    return {"identities": len(identities), "files": files + 1}

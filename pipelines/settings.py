@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     models_dir: Path | None = Field(None, description="model weights are looked up here first (default: HOME/models)")
     model_downloads: bool = Field(True, description="let the libraries download weights when not found locally")
 
-    face_model: str = "facenet-vggface2"
+    face_model: str = "facenet-casia-webface"  # trained weights install offline (`models install`)
     image_model: str = "ViT-B-32/laion2b_s34b_b79k"
     face_min_size: int = Field(20, ge=8, description="MTCNN minimum face size in pixels")
     face_min_prob: float = Field(0.90, ge=0.0, le=1.0, description="faces below this detection probability are dropped")
