@@ -272,6 +272,7 @@ def _match(
         "gallery_rows": rows_of_model,
         "unstamped_rows": unstamped,
         "delta_basis": DELTA_BASIS,
+        "calibration_id": calibration.calibration_id if calibration is not None else None,
         "calibration": calibration.summary() if calibration is not None else None,
         "threshold_warnings": threshold_warnings(calibration, weights, rows_of_model)
         if wl["modality"] == "face"

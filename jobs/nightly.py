@@ -351,6 +351,8 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
         "probes",
         "top_k",
         "threshold",
+        "calibration_id",
+        "threshold_warnings",
     )
     return {k: result.get(k) for k in keys}
 

@@ -50,6 +50,13 @@ class RunKey:
         return f"{MANIFESTS}watchlist_id={self.watchlist_id}/{self.run_id}.g{generation:04d}.json"
 
 
+def _kv(value: Any) -> str:
+    """A Parquet key-value metadata value: text as is, numbers as written, structures as JSON."""
+    if isinstance(value, dict | list | tuple):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
+
+
 def write_result_set(
     store: ObjectStore, watchlist_id: str, run_id: str, table: pa.Table, meta: dict[str, Any], generation: int = 1
 ) -> str:
@@ -57,7 +64,7 @@ def write_result_set(
     replaces its parts; a generation whose manifest exists is never written again."""
     key = RunKey(watchlist_id, run_id)
     table = conform(table, RESULT_SCHEMA)  # a rewrite of an older run gains the newer (null) columns
-    kv = {k: str(v) for k, v in meta.items()} | {"notice": NOTICE}
+    kv = {k: _kv(v) for k, v in meta.items()} | {"notice": NOTICE}
     parts = []
     for index, start in enumerate(range(0, max(table.num_rows, 1), PART_ROWS)):
         part = table.slice(start, PART_ROWS).replace_schema_metadata(kv)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from conftest import FACE, make_settings, register
 from helpers import child_env
@@ -216,6 +218,10 @@ def test_a_calibrated_watchlist_names_its_calibration_and_the_match_warns_when_i
     grown = run_match(settings, wl["watchlist_id"])
     assert any("recalibrate" in w and "11%" in w for w in grown["threshold_warnings"])
     assert grown["calibration"]["threshold"] == cal["threshold"]
+    part = next(Path(grown["path"]).glob("part-*.parquet"))
+    meta = {k.decode(): v.decode() for k, v in pq.read_schema(part).metadata.items()}
+    assert meta["calibration_id"] == cal["calibration_id"]
+    assert json.loads(meta["calibration"])["target_fpir"] == 0.05
     by_hand = submit(settings, sub)
     assert by_hand["calibration_id"] is None
     assert any("not calibrated" in w for w in run_match(settings, by_hand["watchlist_id"])["threshold_warnings"])
