@@ -480,6 +480,28 @@ def results_show(
     )
 
 
+@results_app.command("sheet")
+def results_sheet(
+    run_id: str,
+    to: Annotated[Path, typer.Option("--to", help="a local folder outside the home: index.html is written there")],
+    requested_by: Annotated[str, typer.Option(help="opaque id of who exports the sheet (audited)")],
+    new_only: Annotated[bool, typer.Option("--new-only", help="only candidates new since the parent run")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A self-contained HTML review sheet: each probe's face beside its candidates' faces; an audited export."""
+    from jobs.sheet import write_review_sheet
+
+    _emit(
+        write_review_sheet(_settings(), run_id, to, requested_by, new_only),
+        as_json,
+        lambda r: (
+            f"review sheet of {r['run_id']}: {r['path']} ({r['probes']} probe(s), {r['candidates']} candidate(s), "
+            f"{r['crops_missing']} without a crop); audit record {r['audit_record']}\n"
+            "Candidate list for human review; not an identification."
+        ),
+    )
+
+
 @results_app.command("export")
 def results_export(
     run_id: str,

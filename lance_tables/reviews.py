@@ -46,6 +46,11 @@ def add_review(gallery: Gallery, candidate: dict[str, Any], status: str, reviewe
 
 def effective_statuses(gallery: Gallery) -> dict[tuple[str, str, int], str]:
     """(run_id, probe_id, rank) -> status under the two-person rule."""
+    return {key: decide(statuses) for key, statuses in reviewer_decisions(gallery).items()}
+
+
+def reviewer_decisions(gallery: Gallery) -> dict[tuple[str, str, int], list[str]]:
+    """(run_id, probe_id, rank) -> each distinct reviewer's latest decision (who decided is not returned)."""
     table = gallery.open("reviews")
     if table is None:
         return {}
@@ -56,7 +61,23 @@ def effective_statuses(gallery: Gallery) -> dict[tuple[str, str, int], str]:
         seen = latest[key].get(who)
         if seen is None or r["reviewed_at"] >= seen[0]:
             latest[key][who] = (r["reviewed_at"], r["status"])
-    return {key: decide([s for _, s in by.values()]) for key, by in latest.items()}
+    return {key: sorted(s for _, s in by.values()) for key, by in latest.items()}
+
+
+def two_person_state(statuses: list[str]) -> str:
+    """The two-person rule's state of one candidate, in words, from its reviewers' latest decisions."""
+    if not statuses:
+        return "no review yet: two different reviewers are needed to confirm"
+    status = decide(statuses)
+    counts = ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(statuses)))
+    who = f"{len(statuses)} reviewer{'s' if len(statuses) > 1 else ''} ({counts})"
+    if status == CONFIRMED:
+        return f"{who}: confirmed as a candidate by two different reviewers (still not an identification)"
+    if status == "potential_candidate":
+        return f"{who}: a second, different reviewer is needed to confirm"
+    if status == "inconclusive":
+        return f"{who}: reviewers disagree or are unsure; it stays open"
+    return f"{who}"
 
 
 def decide(statuses: list[str]) -> str:

@@ -45,8 +45,12 @@ def list_watchlists(gallery: Gallery) -> list[dict[str, Any]]:
     return sorted(table.to_pylist(), key=lambda r: r["created_at"], reverse=True) if table.num_columns else []
 
 
+# Matching reads the probes' vectors and ids; the thumbnails are read only for a review sheet.
+PROBE_COLUMNS = [name for name in PROBES.names if name != "thumbnail"]
+
+
 def read_probes(gallery: Gallery, watchlist_id: str) -> tuple[list[dict[str, Any]], np.ndarray]:
-    table = gallery.read("probes", where=f"watchlist_id IN {sql_list([watchlist_id])}")
+    table = gallery.read("probes", columns=PROBE_COLUMNS, where=f"watchlist_id IN {sql_list([watchlist_id])}")
     rows = sorted(table.to_pylist(), key=lambda r: r["probe_id"]) if table.num_columns else []
     vectors = np.array([r.pop("vector") for r in rows], dtype=np.float32)
     return rows, vectors
@@ -57,7 +61,7 @@ def read_probes_of(gallery: Gallery, watchlist_ids: list[str]) -> dict[str, tupl
     out: dict[str, tuple[list[dict[str, Any]], np.ndarray]] = {}
     if not watchlist_ids:
         return out
-    table = gallery.read("probes", where=f"watchlist_id IN {sql_list(watchlist_ids)}")
+    table = gallery.read("probes", columns=PROBE_COLUMNS, where=f"watchlist_id IN {sql_list(watchlist_ids)}")
     grouped: dict[str, list[dict[str, Any]]] = {w: [] for w in watchlist_ids}
     for row in table.to_pylist() if table.num_columns else []:
         grouped[row["watchlist_id"]].append(row)
@@ -75,3 +79,14 @@ def close_watchlist(gallery: Gallery, watchlist_id: str, closed_by: str) -> dict
     record |= {"status": "closed", "closed_at": dt.datetime.now(dt.UTC), "closed_by": closed_by}
     gallery.upsert("watchlists", to_arrow([record], WATCHLISTS))
     return record
+
+
+def read_thumbnails(gallery: Gallery, watchlist_id: str) -> dict[str, bytes | None]:
+    """probe id -> its thumbnail (None: an embedding probe, or one stored before thumbnails were kept);
+    empty when the watchlist's probes are gone (retention removed them)."""
+    table = gallery.open("probes")
+    if table is None:
+        return {}
+    columns = ["probe_id", "thumbnail"] if "thumbnail" in table.schema.names else ["probe_id"]
+    rows = gallery.read("probes", columns=columns, where=f"watchlist_id IN {sql_list([watchlist_id])}").to_pylist()
+    return {r["probe_id"]: r.get("thumbnail") for r in rows}

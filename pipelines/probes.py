@@ -46,6 +46,25 @@ class PhotoModels:
         check_model_id(self.model_id)
 
 
+THUMBNAIL_SIDE = 160  # the probe's face crop is 160 px already; a whole-image probe is scaled down to it
+
+
+def thumbnail(pixels: np.ndarray) -> bytes:
+    """What a reviewer sees of a probe: its face crop (or the whole image, scaled to THUMBNAIL_SIDE) as JPEG.
+
+    Kept with the watchlist's probes and removed with them (expiry, closing plus grace: retention purges the
+    probes table physically); the photo itself is never kept."""
+    import io
+
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).convert("RGB")
+    img.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
 def probes_from_photos(folder: Path, models: PhotoModels) -> ProbeSet:
     """Every face of every photo becomes a probe (face modality); every photo one probe (image modality)."""
     out = ProbeSet()
@@ -88,6 +107,7 @@ def _face_probes(decoded: list[tuple[str, str, Decoded]], models: PhotoModels, o
                     "box": list(face.box),
                     "det_prob": face.prob,
                     "subject_id": None,
+                    "thumbnail": thumbnail(face.crop),
                 }
             )
             out.vectors.append(vector)
@@ -102,7 +122,7 @@ def _image_probes(decoded: list[tuple[str, str, Decoded]], models: PhotoModels, 
     out.weights_digest = embedder.weights_digest
     inputs = [preparer.prepare(d.image) for _, _, d in decoded]
     vectors = embedder.embed(inputs) if inputs else np.zeros((0, embedder.dim), np.float32)
-    for (rel, sha, _), vector in zip(decoded, vectors, strict=True):
+    for (rel, sha, photo), vector in zip(decoded, vectors, strict=True):
         probe_id = f"{sha[:16]}-img"
         out.rows.append(
             {
@@ -114,6 +134,7 @@ def _image_probes(decoded: list[tuple[str, str, Decoded]], models: PhotoModels, 
                 "box": None,
                 "det_prob": None,
                 "subject_id": None,
+                "thumbnail": thumbnail(np.asarray(photo.image.convert("RGB"))),
             }
         )
         out.vectors.append(vector)

@@ -161,6 +161,8 @@ PROBES = pa.schema(
         pa.field("model_id", pa.string(), nullable=False),
         pa.field("weights_digest", pa.string(), nullable=False),
         pa.field("created_at", TS, nullable=False),
+        # What a reviewer sees of a photo probe: its face crop (JPEG, 160 px), removed with the probe rows.
+        pa.field("thumbnail", pa.binary()),
     ]
 )
 

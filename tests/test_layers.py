@@ -41,6 +41,7 @@ LAYER_OF: dict[str, str] = {
     "pipelines.accuracy": "core",
     "pipelines.calibration": "core",
     "pipelines.facenet_convert": "core",
+    "pipelines.sheet": "core",
     # What persisted data looks like, declared once, and how values are quoted into its predicates.
     "pipelines.schemas": "schemas",
     "pipelines.sql": "schemas",
@@ -81,6 +82,7 @@ LAYER_OF: dict[str, str] = {
     "jobs.accuracy": "jobs",
     "jobs.admin": "jobs",
     "jobs.models": "jobs",
+    "jobs.sheet": "jobs",
     "jobs.audit_job": "jobs",
     "jobs.erase": "jobs",
     "jobs.erase_steps": "jobs",
