@@ -70,6 +70,7 @@ $GM match "$WATCHLIST"
 $GM results list
 FIRST_RUN=$($GM results list --json | $PY -c "import json,sys; print(json.load(sys.stdin)['runs'][0]['run_id'])")
 $GM results show "$FIRST_RUN" --limit 20 --requested-by analyst-demo   # the astronaut's faces first, the cameraman far below
+$GM results sheet "$FIRST_RUN" --to "$DATA/review-sheet" --requested-by analyst-demo   # open index.html in a browser
 
 step "10. what a data team sees: all result sets as one Polars LazyFrame"
 $PY scripts/demo_summary.py
