@@ -5,7 +5,7 @@ PY := .venv/bin/python
 # Ray must not rebuild the environment from project metadata in its workers (see ../shared/guide/environment.md).
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: install demo test lint format bench bench-match bench-nightly clean
+.PHONY: install demo test lint format bench bench-match bench-nightly bench-evaluate clean
 
 install:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -35,6 +35,11 @@ bench-match: install
 
 bench-nightly: install
 	$(PY) scripts/bench_nightly.py
+
+# Times `gallerymatch evaluate` on ~1,500 generated face photos (two real people: timing only) with the trained
+# facenet-casia-webface weights, installed first into a temporary models dir unless GALLERYMATCH_MODELS_DIR is set.
+bench-evaluate: install
+	$(PY) scripts/bench_evaluate.py
 
 clean:
 	rm -rf .gallerymatch demo-data .pytest_cache .mypy_cache .ruff_cache

@@ -1152,8 +1152,9 @@ def render(
     lines = [args.heading, ""]
     if args.images < DEFAULT_IMAGES:
         lines += [
-            f"**Smoke run** ({args.images} images, below the default {DEFAULT_IMAGES}): it only shows the "
-            "script works; the figures are dominated by start-up costs. Replace it with a full run.",
+            f"**Reduced run** ({args.images} images, below the default {DEFAULT_IMAGES}): the stage-alone rows "
+            "carry over, but at this size the end-to-end rates are dominated by start-up costs (see the `Job size` "
+            "column). Replace it with a full run where the machine allows.",
             "",
         ]
     lines += [f"Measured {when} with `{command}`.", ""]

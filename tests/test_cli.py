@@ -23,6 +23,7 @@ COMMANDS = [
     ["ingest"],
     ["import-embeddings"],
     ["models"],
+    ["models", "install"],
     ["status"],
     ["watchlist"],
     ["watchlist", "submit"],
@@ -36,6 +37,7 @@ COMMANDS = [
     ["results", "list"],
     ["results", "show"],
     ["results", "export"],
+    ["results", "sheet"],
     ["audit"],
     ["audit", "verify"],
     ["audit", "show"],
@@ -45,6 +47,9 @@ COMMANDS = [
     ["review"],
     ["report"],
     ["erase"],
+    ["evaluate"],
+    ["calibrate"],
+    ["serve"],
 ]
 
 
