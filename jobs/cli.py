@@ -520,6 +520,33 @@ def results_export(
 
 
 @app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option(help="address to listen on; anything but loopback must sit behind a TLS reverse proxy")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on (0: any free port)")] = 8787,
+    reviewer_header: Annotated[
+        str | None,
+        typer.Option(
+            "--reviewer-header",
+            help="take the reviewer id from this header (e.g. X-Remote-User), set by a reverse proxy on this host; "
+            "trusted only from loopback",
+        ),
+    ] = None,
+    tokens: Annotated[
+        Path | None,
+        typer.Option("--tokens", help="file of 'TOKEN REVIEWER_ID' lines (chmod 600); reviewers sign in with a token"),
+    ] = None,
+) -> None:
+    """Serve result sets to reviewers in a browser: each decision is recorded (and audited) under the id the
+    deployment gives the reviewer; viewing a run is audited. Refused without --reviewer-header or --tokens."""
+    from jobs.serve import identity_from_options, run_server
+
+    identity = identity_from_options(reviewer_header, tokens)
+    run_server(_settings(), identity, host, port)
+
+
+@app.command()
 def status(as_json: JsonOpt = False) -> None:
     """Tables, versions and counts of the gallery under GALLERYMATCH_HOME."""
     from jobs.status import gallery_status

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,47 @@ def write_review_sheet(
         raise Refused(f"--to {to} is inside GALLERYMATCH_HOME ({settings.storage.uri}); write the sheet outside it")
     if folder.exists() and not folder.is_dir():
         raise Refused(f"--to {to} exists and is not a folder")
+    with audited_sheet_run(settings, run_id, requested_by, new_only, "results.sheet") as built:
+        path = write_sheet(folder, render_sheet(built.run, score_plot(built.run)))
+    return {
+        "run_id": run_id,
+        "path": str(path),
+        "audit_record": built.run.audit_record,
+        "probes": len(built.run.probes),
+        "candidates": built.shown,
+        "crops_missing": built.crops_missing,
+        "rewritten_after_erasure": built.manifest.get("rewritten_after_erasure"),
+    }
+
+
+def build_sheet_run(
+    settings: Settings,
+    run_id: str,
+    requested_by: str,
+    new_only: bool = False,
+    audit_action: str = "results.sheet",
+) -> SheetRun:
+    """One run's `SheetRun` (faces cut, reviews joined in), built under an audit record `audit_action` whose
+    actor is `requested_by`: whoever gets it is shown gallery faces (`gallerymatch serve` uses `results.view`)."""
+    with audited_sheet_run(settings, run_id, requested_by, new_only, audit_action) as built:
+        return built.run
+
+
+@dataclass
+class BuiltSheet:
+    run: SheetRun
+    manifest: dict[str, Any]
+    shown: int
+    crops_missing: int
+
+
+@contextmanager
+def audited_sheet_run(
+    settings: Settings, run_id: str, requested_by: str, new_only: bool, audit_action: str
+) -> Iterator[BuiltSheet]:
+    """The SheetRun of a run inside its audit action: the caller's block (e.g. writing the file) is part of the
+    action, and the outcome (counts) is written once it ends; a failure in it is audited as failed."""
+    check_id("requester id", requested_by)
     manifest = require_run(settings.store, run_id)
     fields = {
         "case_id": manifest["case_id"],
@@ -56,7 +100,7 @@ def write_review_sheet(
         "watchlist_id": manifest["watchlist_id"],
     }
     log = AuditLog.of(settings)
-    with log.action(requested_by, "results.sheet", run_id=run_id, new_only=new_only, **fields) as op:
+    with log.action(requested_by, audit_action, run_id=run_id, new_only=new_only, **fields) as op:
         audit_record = f"#{op.head.seq} (hash {op.head.hash[:16]}...)"
         gallery = Gallery(settings.storage)
         rows = read_run(settings.store, manifest).to_pylist()
@@ -65,18 +109,9 @@ def write_review_sheet(
         rows.sort(key=lambda r: (r["probe_id"], r["rank"]))
         crops = _GalleryCrops(settings, gallery, str(manifest.get("gallery_table") or "faces"))
         run = _sheet_run(settings, gallery, manifest, rows, crops, audit_record, new_only)
-        path = write_sheet(folder, render_sheet(run, score_plot(run)))
         shown = sum(len(p.candidates) for p in run.probes)
+        yield BuiltSheet(run, manifest, shown, crops.missing)
         op.record(counts={"probes": len(run.probes), "candidates_shown": shown, "crops_missing": crops.missing})
-    return {
-        "run_id": run_id,
-        "path": str(path),
-        "audit_record": audit_record,
-        "probes": len(run.probes),
-        "candidates": shown,
-        "crops_missing": crops.missing,
-        "rewritten_after_erasure": manifest.get("rewritten_after_erasure"),
-    }
 
 
 def _sheet_run(

@@ -9,16 +9,22 @@ anything else is shown as missing), the CSS and the small keyboard script are in
 Policy meta forbids every fetch but `data:` images. Every piece of text from a record is HTML-escaped. The
 notice that the page is a candidate list for human review, not an identification, opens the page and is
 repeated at the top of every printed page (CSS page margin boxes).
+
+Served pages (`gallerymatch serve`) are the same page with a `ReviewForm`: each card gets a small form whose buttons
+post the reviewer's decision to the server (CSP `form-action 'self'` instead of `'none'`); the list of result sets
+and the error pages (`render_run_list`, `render_message`) open with the same notice.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +33,11 @@ CSP = (
     "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
     "base-uri 'none'; form-action 'none'"
 )
+SERVED_CSP = (  # pages served by `gallerymatch serve`: forms may post back to the server, nowhere else
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+    "base-uri 'none'; form-action 'self'"
+)
+DECISIONS = ("potential_candidate", "no_candidate", "inconclusive")  # what a reviewer can post
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REVIEW_LABELS = {
@@ -86,7 +97,36 @@ class SheetRun:
     probes: tuple[ProbeCard, ...]
 
 
+@dataclass(frozen=True)
+class ReviewForm:
+    """A served page's review forms: where each card's decision posts, the session's CSRF token, who reviews."""
+
+    action: str  # the URL (path) the forms post to, e.g. /runs/<run_id>/review
+    csrf: str  # the session's CSRF token, sent back in every form
+    reviewer: str  # the reviewer the server identified (shown; never taken from the page)
+    home: str = "/"  # the list of result sets
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One line of the served list of result sets (ids and counts: no face is shown)."""
+
+    run_id: str
+    href: str  # the run's page
+    case_id: str
+    purpose: str
+    watchlist_id: str
+    candidates: int
+    above_threshold: int
+    matched_at: str
+
+
 # --------------------------------------------------------------------------------------------------- helpers
+
+
+def card_anchor(probe_id: str, rank: int) -> str:
+    """The id of a candidate card on a served page (the server redirects back to it after a decision)."""
+    return f"c-{hashlib.sha256(probe_id.encode()).hexdigest()[:16]}-{int(rank)}"
 
 
 def esc(value: object) -> str:
@@ -372,7 +412,7 @@ def _fact(label: str, value: str) -> str:
     return f"<div><dt>{esc(label)}</dt><dd>{esc(value)}</dd></div>"
 
 
-def _header(run: SheetRun, n_candidates: int, n_above: int) -> str:
+def _header(run: SheetRun, n_candidates: int, n_above: int, review: ReviewForm | None = None) -> str:
     mode = run.mode
     if run.parent_run_id:
         mode = f"{run.mode} (parent run {run.parent_run_id})"
@@ -412,7 +452,8 @@ def _header(run: SheetRun, n_candidates: int, n_above: int) -> str:
             f'<p class="callout info new-only">Only candidates new since the parent run{esc(parent)} are shown; '
             "candidates already seen in the parent run are left out.</p>"
         )
-    parts.append(f'<p class="audit">Exported under audit record <code>{esc(run.audit_record)}</code></p>')
+    verb = "Viewed" if review is not None else "Exported"
+    parts.append(f'<p class="audit">{verb} under audit record <code>{esc(run.audit_record)}</code></p>')
     parts.append("</header>")
     return "\n".join(parts)
 
@@ -430,7 +471,7 @@ def _plot(run: SheetRun, plot_png: bytes | None, n_candidates: int, n_above: int
     return f'<figure class="plot"><img src="{uri}" alt="{esc(alt)}"><figcaption>{esc(alt)}</figcaption></figure>'
 
 
-def _candidate(card: CandidateCard, probe: ProbeCard) -> str:
+def _candidate(card: CandidateCard, probe: ProbeCard, review: ReviewForm | None = None) -> str:
     above = "above" if card.above_threshold else "below"
     new = "unknown" if card.new_since_parent is None else ("true" if card.new_since_parent else "false")
     alt = f"gallery face {card.gallery_id}, candidate rank {card.rank} for probe {probe.probe_id}"
@@ -454,8 +495,10 @@ def _candidate(card: CandidateCard, probe: ProbeCard) -> str:
         ids.append(("First seen", card.first_seen_run_id))
     id_list = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in ids)
     label = f"Rank {card.rank}, score {_score(card.score)}, {above} threshold, review: {status}"
+    anchor = f' id="{esc(card_anchor(probe.probe_id, card.rank))}"' if review is not None else ""
+    form = _decision_form(card, probe, review) if review is not None else ""
     return (
-        f'<article class="candidate {above}" tabindex="0" data-rank="{esc(card.rank)}"'
+        f'<article{anchor} class="candidate {above}" tabindex="0" data-rank="{esc(card.rank)}"'
         f' data-gallery-id="{esc(card.gallery_id)}" data-review-status="{esc(card.review_status)}"'
         f' data-above-threshold="{"true" if card.above_threshold else "false"}" data-new="{new}"'
         f' aria-label="{esc(label)}">'
@@ -467,11 +510,27 @@ def _candidate(card: CandidateCard, probe: ProbeCard) -> str:
         f'<p class="review status-{esc(card.review_status)}">Review: <strong>{esc(status)}</strong>'
         f'<span class="detail">{esc(card.review_detail)}</span></p>'
         f'<dl class="ids">{id_list}</dl>'
+        f"{form}"
         "</div></article>"
     )
 
 
-def _probe(index: int, probe: ProbeCard) -> str:
+def _decision_form(card: CandidateCard, probe: ProbeCard, review: ReviewForm) -> str:
+    """A served card's form: one button per decision; probe, rank and the CSRF token ride along hidden."""
+    buttons = "".join(
+        f'<button type="submit" name="status" value="{esc(d)}">{esc(REVIEW_LABELS[d])}</button>' for d in DECISIONS
+    )
+    label = f"Your decision on rank {card.rank} for probe {probe.probe_id}"
+    return (
+        f'<form class="decide" method="post" action="{esc(review.action)}" aria-label="{esc(label)}">'
+        f'<input type="hidden" name="probe_id" value="{esc(probe.probe_id)}">'
+        f'<input type="hidden" name="rank" value="{esc(card.rank)}">'
+        f'<input type="hidden" name="csrf" value="{esc(review.csrf)}">'
+        f'<span class="decide-label">Your decision:</span>{buttons}</form>'
+    )
+
+
+def _probe(index: int, probe: ProbeCard, review: ReviewForm | None = None) -> str:
     uri = data_uri(probe.thumbnail)
     reason = "" if uri is not None else _missing_reason(probe.thumbnail, probe.thumbnail_missing, "probe thumbnail")
     img, visible = _img(uri, f"probe {probe.probe_id}", reason)
@@ -483,7 +542,7 @@ def _probe(index: int, probe: ProbeCard) -> str:
     if n_new:
         summary += f", {n_new} new since the parent run"
     if probe.candidates:
-        body = '<div class="cards">' + "".join(_candidate(c, probe) for c in probe.candidates) + "</div>"
+        body = '<div class="cards">' + "".join(_candidate(c, probe, review) for c in probe.candidates) + "</div>"
     else:
         body = '<p class="empty no-candidates">No candidates for this probe.</p>'
     return (
@@ -496,8 +555,11 @@ def _probe(index: int, probe: ProbeCard) -> str:
     )
 
 
-def render_sheet(run: SheetRun, plot_png: bytes | None) -> str:
-    """One self-contained HTML5 document (everything inline, nothing fetched) of a run's candidate lists."""
+def render_sheet(run: SheetRun, plot_png: bytes | None, review: ReviewForm | None = None) -> str:
+    """One self-contained HTML5 document (everything inline, nothing fetched) of a run's candidate lists.
+
+    With `review` (served pages only): each card gets its decision form, the CSP lets forms post to the server
+    (`form-action 'self'`), and a bar under the notice names the reviewer. Without it: the exported sheet."""
     n_candidates = sum(len(p.candidates) for p in run.probes)
     n_above = sum(1 for p in run.probes for c in p.candidates if c.above_threshold)
     first = "#probe-1" if run.probes else "#probes"
@@ -510,15 +572,19 @@ def render_sheet(run: SheetRun, plot_png: bytes | None) -> str:
         if run.probes
         else '<p class="empty">This sheet has no probes.</p>'
     )
-    sections = "\n".join(_probe(i, p) for i, p in enumerate(run.probes, start=1))
+    sections = "\n".join(_probe(i, p, review) for i, p in enumerate(run.probes, start=1))
     style = _STYLE.replace("NOTICE_CSS", _css_string(NOTICE))
+    csp, bar = CSP, []
+    if review is not None:
+        csp, style = SERVED_CSP, style + _SERVED_STYLE
+        bar = [_reviewer_bar(review.reviewer, review.home)]
     return "\n".join(
         [
             "<!DOCTYPE html>",
             '<html lang="en">',
             "<head>",
             '<meta charset="utf-8">',
-            f'<meta http-equiv="Content-Security-Policy" content="{esc(CSP)}">',
+            f'<meta http-equiv="Content-Security-Policy" content="{esc(csp)}">',
             '<meta name="referrer" content="no-referrer">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             '<meta name="robots" content="noindex, nofollow">',
@@ -528,8 +594,9 @@ def render_sheet(run: SheetRun, plot_png: bytes | None) -> str:
             "<body>",
             f'<div class="notice" role="note">{esc(NOTICE)}</div>',
             f'<a class="skip" href="{first}">Skip to the first probe</a>',
+            *bar,
             '<div class="page">',
-            _header(run, n_candidates, n_above),
+            _header(run, n_candidates, n_above, review),
             "<main>",
             _plot(run, plot_png, n_candidates, n_above),
             nav,
@@ -543,6 +610,89 @@ def render_sheet(run: SheetRun, plot_png: bytes | None) -> str:
             "",
         ]
     )
+
+
+_SERVED_STYLE = """
+.whoami { display: flex; flex-wrap: wrap; gap: 0.5rem 1.5rem; justify-content: space-between; max-width: 84rem;
+  margin: 0 auto; padding: 0.5rem 1rem; color: var(--muted); overflow-wrap: anywhere; }
+.decide { display: flex; flex-wrap: wrap; gap: 0.3rem; align-items: center; margin: 0.3rem 0 0;
+  padding-top: 0.45rem; border-top: 0.0625rem solid var(--line); }
+.decide-label { width: 100%; font-size: 0.8rem; color: var(--muted); }
+.decide button { font: inherit; font-size: 0.8rem; padding: 0.25rem 0.5rem; border-radius: 0.3rem; cursor: pointer;
+  border: 0.0625rem solid var(--accent); background: #fff; color: var(--accent); }
+.decide button:hover { background: #eff6ff; }
+.decide button:focus { outline: 0.2rem solid var(--focus); outline-offset: 0.1rem; }
+table.runs { border-collapse: collapse; width: 100%; }
+table.runs th, table.runs td { text-align: left; padding: 0.45rem 0.6rem; border-bottom: 0.0625rem solid var(--line); }
+table.runs td { overflow-wrap: anywhere; }
+table.runs td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.message { padding: 1rem; border-left: 0.3rem solid var(--warn); background: var(--warn-bg); overflow-wrap: anywhere; }
+@media print { .whoami, .decide { display: none; } }
+"""
+
+
+def _reviewer_bar(reviewer: str, home: str = "/") -> str:
+    return (
+        f'<div class="whoami"><span>Reviewing as <strong>{esc(reviewer)}</strong> (views and decisions are audited)'
+        f'</span><a href="{esc(home)}">All result sets</a></div>'
+    )
+
+
+def _served_page(title: str, body: str, reviewer: str | None = None) -> str:
+    """A small served page (list, message) with the notice first and the served CSP."""
+    style = _STYLE.replace("NOTICE_CSS", _css_string(NOTICE)) + _SERVED_STYLE
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en">',
+            "<head>",
+            '<meta charset="utf-8">',
+            f'<meta http-equiv="Content-Security-Policy" content="{esc(SERVED_CSP)}">',
+            '<meta name="referrer" content="no-referrer">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            '<meta name="robots" content="noindex, nofollow">',
+            f"<title>{esc(title)}</title>",
+            f"<style>{style}</style>",
+            "</head>",
+            "<body>",
+            f'<div class="notice" role="note">{esc(NOTICE)}</div>',
+            *([_reviewer_bar(reviewer)] if reviewer is not None else []),
+            f'<div class="page"><main>{body}</main></div>',
+            "</body>",
+            "</html>",
+            "",
+        ]
+    )
+
+
+def render_run_list(runs: Sequence[RunSummary], reviewer: str) -> str:
+    """The served list of result sets, newest first: ids and counts, each run linked to its page."""
+    head = (
+        '<tr><th scope="col">Run</th><th scope="col">Case</th><th scope="col">Purpose</th>'
+        '<th scope="col">Watchlist</th><th scope="col">Candidates</th><th scope="col">Above threshold</th>'
+        '<th scope="col">Matched at</th></tr>'
+    )
+    rows = "".join(
+        f'<tr data-run-id="{esc(r.run_id)}"><td><a href="{esc(r.href)}">{esc(r.run_id)}</a></td>'
+        f"<td>{esc(r.case_id)}</td><td>{esc(r.purpose)}</td><td>{esc(r.watchlist_id)}</td>"
+        f'<td class="num">{esc(r.candidates)}</td><td class="num">{esc(r.above_threshold)}</td>'
+        f"<td>{esc(r.matched_at)}</td></tr>"
+        for r in runs
+    )
+    table = (
+        f'<table class="runs"><caption class="muted">{len(runs)} result set{"s" if len(runs) != 1 else ""}, '
+        f"newest first</caption><thead>{head}</thead><tbody>{rows}</tbody></table>"
+        if runs
+        else '<p class="empty">No result sets yet.</p>'
+    )
+    body = '<p class="eyebrow">Candidate review</p><h1>Result sets</h1>' + table
+    return _served_page("Candidate review: result sets", body, reviewer)
+
+
+def render_message(title: str, message: str) -> str:
+    """A served error or notice page: the notice first, then the message (escaped), nothing else."""
+    body = f'<h1>{esc(title)}</h1><p class="message">{esc(message)}</p>'
+    return _served_page(title, body)
 
 
 def write_sheet(folder: Path, html_text: str) -> Path:

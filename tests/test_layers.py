@@ -104,6 +104,7 @@ LAYER_OF: dict[str, str] = {
     "jobs.cli_accountability": "interfaces",
     "jobs.cli_accuracy": "interfaces",
     "jobs.api": "interfaces",
+    "jobs.serve": "interfaces",
     # Deployment wrappers: import the project; nothing imports them.
     "infra": "infra",
     "infra.modal_app": "infra",
