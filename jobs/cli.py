@@ -252,6 +252,17 @@ def models_install(
     )
 
 
+def _threshold_value(value: str | None) -> str | None:
+    """A bad --threshold is a usage error (exit 2, with the usage line), like any value of the wrong type."""
+    from jobs.watchlist import ThresholdChoice
+
+    try:
+        ThresholdChoice.parse(value)
+    except Refused as exc:
+        raise typer.BadParameter(str(exc).removeprefix("--threshold ")) from None
+    return value
+
+
 @watchlist_app.command("submit")
 def watchlist_submit(
     probes: Path,
@@ -267,7 +278,8 @@ def watchlist_submit(
         str | None,
         typer.Option(
             help="cosine score flagged above_threshold, or 'calibrated' (the latest calibration of the probes' "
-            "weights) or 'calibrated:ID'"
+            "weights) or 'calibrated:ID'",
+            callback=_threshold_value,
         ),
     ] = None,
     expires: Annotated[str | None, typer.Option(help="expiry date, YYYY-MM-DD")] = None,
