@@ -203,10 +203,11 @@ def _status(statuses: list[str], stored: str) -> str:
 
 
 def _calibration_line(calibration: dict[str, Any]) -> str:
+    low, high = [*(calibration.get("fpir_interval") or []), None, None][:2]
+    interval = f"{low:.3g}-{high:.3g}" if isinstance(low, float | int) and isinstance(high, float | int) else "n/a"
     return (
         f"calibrated: {calibration.get('calibration_id')} for FPIR {calibration.get('target_fpir')} "
-        f"({calibration.get('method')}, N={calibration.get('gallery_rows')}, "
-        f"95% interval {calibration.get('fpir_interval')})"
+        f"({calibration.get('method')}, N={calibration.get('gallery_rows')}, FPIR 95% interval {interval})"
     )
 
 
