@@ -21,6 +21,7 @@ from typing import Any
 
 from pipelines.errors import Refused
 from pipelines.faults import crash_point
+from pipelines.files import write_atomically
 from pipelines.models import (
     INSTALLABLE,
     WeightsProvenance,
@@ -30,7 +31,6 @@ from pipelines.models import (
     provenance_file,
     utc_now_iso,
     weights_digest,
-    write_atomically,
 )
 from pipelines.settings import Settings
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from lance_tables.store import Gallery
 from pipelines.calibration import Calibration, Evaluation
 from pipelines.errors import Refused
@@ -13,12 +15,17 @@ def add_evaluation(gallery: Gallery, record: Evaluation) -> None:
     gallery.upsert("evaluations", to_arrow([record.row()], EVALUATIONS))
 
 
-def latest_evaluation(gallery: Gallery, model_id: str, weights_digest: str) -> Evaluation | None:
+def _latest(gallery: Gallery, table: str, model_id: str, weights_digest: str) -> dict[str, Any] | None:
+    """The newest record of a table for one model's weights (ties broken by id), or None."""
     where = f"model_id IN {sql_list([model_id])} AND weights_digest IN {sql_list([weights_digest])}"
-    rows = gallery.read("evaluations", where=where).to_pylist()
-    if not rows:
-        return None
-    return Evaluation.of(max(rows, key=lambda r: (r["created_at"], r["evaluation_id"])))
+    rows = gallery.read(table, where=where).to_pylist()
+    key = "evaluation_id" if table == "evaluations" else "calibration_id"
+    return max(rows, key=lambda r: (r["created_at"], r[key])) if rows else None
+
+
+def latest_evaluation(gallery: Gallery, model_id: str, weights_digest: str) -> Evaluation | None:
+    row = _latest(gallery, "evaluations", model_id, weights_digest)
+    return Evaluation.of(row) if row else None
 
 
 def add_calibration(gallery: Gallery, record: Calibration) -> None:
@@ -33,11 +40,8 @@ def get_calibration(gallery: Gallery, calibration_id: str) -> Calibration:
 
 
 def latest_calibration(gallery: Gallery, model_id: str, weights_digest: str) -> Calibration | None:
-    where = f"model_id IN {sql_list([model_id])} AND weights_digest IN {sql_list([weights_digest])}"
-    rows = gallery.read("calibrations", where=where).to_pylist()
-    if not rows:
-        return None
-    return Calibration.of(max(rows, key=lambda r: (r["created_at"], r["calibration_id"])))
+    row = _latest(gallery, "calibrations", model_id, weights_digest)
+    return Calibration.of(row) if row else None
 
 
 def list_calibrations(gallery: Gallery) -> list[Calibration]:

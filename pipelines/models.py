@@ -6,9 +6,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -227,27 +225,6 @@ def installed_provenance(model_id: str, models_dir: Path) -> WeightsProvenance |
             f"file); rerun `gallerymatch models install {model_id} --force`"
         )
     return provenance
-
-
-def write_atomically(path: Path, write: Any) -> None:
-    """write(handle) into a private temporary file beside path, fsync, then rename over path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def utc_now_iso() -> str:

@@ -22,11 +22,11 @@ import hashlib
 import html
 import io
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipelines.files import write_atomically
 
 NOTICE = "Candidate list for human review; not an identification."
 CSP = (
@@ -697,27 +697,5 @@ def render_message(title: str, message: str) -> str:
 
 def write_sheet(folder: Path, html_text: str) -> Path:
     """Write `index.html` into `folder` (created if needed) atomically: temp file beside it, fsync, replace."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / "index.html"
-    fd, tmp = tempfile.mkstemp(prefix=".index.html.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(html_text.encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return target
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return target
+    data = html_text.encode("utf-8")
+    return write_atomically(Path(folder) / "index.html", lambda handle: handle.write(data))

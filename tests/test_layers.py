@@ -42,6 +42,7 @@ LAYER_OF: dict[str, str] = {
     "pipelines.calibration": "core",
     "pipelines.facenet_convert": "core",
     "pipelines.sheet": "core",
+    "pipelines.files": "core",
     # What persisted data looks like, declared once, and how values are quoted into its predicates.
     "pipelines.schemas": "schemas",
     "pipelines.sql": "schemas",

@@ -319,12 +319,12 @@ def test_write_sheet_is_atomic(tmp_path: Path) -> None:
 
 
 def test_write_sheet_leaves_nothing_when_it_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines import sheet
+    from pipelines import files
 
     def boom(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(sheet.os, "replace", boom)
+    monkeypatch.setattr(files.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         write_sheet(tmp_path, "<p>x</p>")
     assert os.listdir(tmp_path) == []
