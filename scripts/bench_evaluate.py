@@ -21,7 +21,6 @@ import importlib
 import io
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -47,10 +46,6 @@ GALLERY_SIZE = 1_000_000  # --gallery-size: the operational estimate is timed to
 BASES = ("astronaut", "camera")  # the two real people
 BACKGROUNDS = ("coffee", "chelsea", "rocket")  # public-domain photos without a face
 FACE_BOXES = {"astronaut": (181, 62, 268, 172), "camera": (199, 119, 254, 192)}  # MTCNN's boxes, 512 px originals
-VECTOR_FLAGS = (
-    *("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni"),
-    *("avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "i8mm", "sve"),
-)
 LABELS = {  # key: label of a phase timed in the child (the labels key the child's JSON)
     "list": "list the labelled folder",
     "embed_all": "`_embed` whole (loads, read + sha256, decode, detect, embed, progress bar)",
@@ -271,25 +266,6 @@ def run_evaluate(dataset: Path, home: Path, models_dir: Path, model: str, plain:
 # ---- report -------------------------------------------------------------------------------------------------
 
 
-def vector_extensions() -> str:
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    import torch
-
-    have = [f for f in VECTOR_FLAGS if f in flags]
-    missing = [f for f in ("avx512f", "avx512_vnni", "avx_vnni", "amx_tile") if f not in flags]
-    text = f"CPU vector extensions: {', '.join(have) or 'none of those known'}"
-    if platform.machine() in ("x86_64", "AMD64") and missing:
-        text += f" (no {', '.join(missing)})"
-    return text + f"; torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
-
-
 def fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
@@ -313,7 +289,7 @@ def render(args: argparse.Namespace, ds: Dataset, out: Outcome, load: list[float
         f"Measured {when} with `{command}`.",
         "",
     ]
-    lines += [f"- {item}" for item in [*machine("cpu"), vector_extensions()]]
+    lines += [f"- {item}" for item in machine("cpu")]
     lines += [
         f"- 1-minute load average at start / end: {' / '.join(f'{v:.2f}' for v in load)} (the machine has "
         f"{cores} usable cores and is shared: anything else running slows every step){load_warning(load)}",

@@ -884,6 +884,31 @@ def measure_s3_homes(args: argparse.Namespace, tmp: Path, task: IngestTask, res:
 # ---- report -------------------------------------------------------------------------------------------------
 
 
+VECTOR_FLAGS = (
+    *("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni"),
+    *("avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "asimd", "asimddp", "i8mm", "sve"),
+)
+
+
+def vector_extensions() -> str:
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    import torch
+
+    have = [f for f in VECTOR_FLAGS if f in flags]
+    missing = [f for f in ("avx512f", "avx512_vnni", "avx_vnni", "amx_tile") if f not in flags]
+    text = f"CPU vector extensions: {', '.join(have) or 'none of those known'}"
+    if platform.machine() in ("x86_64", "AMD64") and missing:
+        text += f" (no {', '.join(missing)})"
+    return text + f"; torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def machine(device: str) -> list[str]:
     import torch
 
@@ -896,6 +921,7 @@ def machine(device: str) -> list[str]:
         f"torch {torch.__version__}: device {resolve_device(device)}, "
         f"{torch.get_num_threads()} threads in the driver; GPU: {gpu}",
         f"Python {platform.python_version()} on {platform.system()} {platform.machine()}",
+        vector_extensions(),
     ]
 
 
