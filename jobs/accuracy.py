@@ -51,6 +51,7 @@ from pipelines.calibration import Calibration, Evaluation, figures_json, float32
 from pipelines.decode import Decoded, DecodeLimits, decode_image
 from pipelines.delta import model_weights
 from pipelines.errors import Refused
+from pipelines.faults import crash_point
 from pipelines.models import ModelSpec, face_spec, resolve_device
 from pipelines.settings import Settings
 from pipelines.shards import PackReport, check_id, list_images
@@ -315,6 +316,7 @@ def _keep(
                 created_at=dt.datetime.now(dt.UTC),
                 requested_by=requested_by,
             )
+            crash_point("evaluate:before-record")
             add_evaluation(gallery, record)
             op.record(
                 evaluation_id=evaluation_id,
@@ -393,6 +395,7 @@ def calibrate(
                 created_at=now,
                 requested_by=requested_by,
             )
+            crash_point("calibrate:before-record")
             add_calibration(gallery, record)
             op.record(
                 calibration_id=calibration_id,

@@ -257,3 +257,32 @@ def test_threshold_warnings_name_other_weights_and_a_gallery_off_by_more_than_te
     assert len(threshold_warnings(cal, ["sha256:aaaa"], 899)) == 1
     assert len(threshold_warnings(cal, ["sha256:aaaa", "sha256:bbbb"], 1000)) == 1
     assert "not calibrated" in threshold_warnings(None, [], 10)[0]
+
+
+@pytest.mark.slow
+def test_a_calibration_killed_before_its_record_leaves_none_and_is_audited_then_reruns(
+    tmp_path: Path, untrained_digest: str
+) -> None:
+    """SIGKILL inside the audited action: no calibration row, the intent stays open until the next writer
+    closes it; a rerun records one calibration."""
+    settings = make_settings(tmp_path / "home")
+    register(settings)
+    add_faces(settings, 50, untrained_digest, seed=7)
+    tail = [0.9 - i * 1e-4 for i in range(5000)]
+    add_evaluation(Gallery(settings.storage), synthetic_evaluation(untrained_digest, 1_000_000, tail, [0.95]))
+    args = ["calibrate", "--model-id", FACE, "--target-fpir", "0.01", "--requested-by", "calibrator-1", "--json"]
+    home = {"GALLERYMATCH_HOME": settings.home_uri, "GALLERYMATCH_AUDIT_KEY_DIR": str(settings.audit_key_dir)}
+    script = str(Path(sys.executable).parent / "gallerymatch")
+    killed = subprocess.run(
+        [script, *args], env=child_env(**home, GALLERYMATCH_KILL_AT="calibrate:before-record"),
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    assert Gallery(settings.storage).count("calibrations") == 0
+    assert [i["action"] for i, _ in AuditLog.of(settings).open_intents()] == ["calibrate"]
+    again = gm(settings, *args)
+    assert again.returncode == 0, again.stderr
+    assert Gallery(settings.storage).count("calibrations") == 1
+    assert AuditLog.of(settings).open_intents() == []  # the dead run's intent was closed by the next writer
+    outcomes = [r for r in AuditLog.of(settings).records() if r["action"] == "calibrate" and r["phase"] == "outcome"]
+    assert len(outcomes) == 2 and outcomes[-1]["status"] == "ok"  # the killed run's closed, then the rerun's
