@@ -27,7 +27,6 @@ import pyarrow as pa
 from jobs.erase_steps import (
     TABLES,
     VERSIONED_AREAS,
-    Found,
     affected_runs,
     bucket_versioning,
     checks,
@@ -70,7 +69,6 @@ class Plan:
     runs: list[str]  # run ids naming the person when planned
     vectors: int
     planned_at: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).isoformat())
-    thumbnails: int = 0  # the erased probes' thumbnails (face crops) the byte scan looks for
 
     @property
     def prefix(self) -> str:
@@ -105,8 +103,8 @@ def erase(
         if finished:  # the session's recovery just finished this person's interrupted plan: hand out its
             return _stored_receipt(settings.store, finished[0])  # receipt, not an empty second erasure's
         with log.action(requested_by, "erase", selector_kind=selector.kind, reason=_digest(reason)) as op:
-            plan, found = _plan(settings, gallery, selector, requested_by, reason, op)
-            _store_plan(settings.store, plan, found.vectors, found.thumbnails, op)
+            plan, vectors = _plan(settings, gallery, selector, requested_by, reason, op)
+            _store_plan(settings.store, plan, vectors, op)
             return _execute(settings, gallery, log, plan, op)
 
 
@@ -167,7 +165,7 @@ def _run(settings: Settings, gallery: Gallery, log: AuditLog, plan: Plan, actor:
 
 def _plan(
     settings: Settings, gallery: Gallery, selector: Any, requested_by: str, reason: str, op: Outcome
-) -> tuple[Plan, Found]:
+) -> tuple[Plan, list[np.ndarray]]:
     found = find_rows(gallery, selector)
     image_ids = sorted(set(found.image_ids))
     gallery_ids = sorted(found.keys.get("faces", []) + found.keys.get("image_embeddings", []))
@@ -183,20 +181,15 @@ def _plan(
         probes=[list(p) for p in sorted(found.probes)],
         runs=runs,
         vectors=len(found.vectors),
-        thumbnails=len(found.thumbnails),
     )
     op.record(receipt_id=plan.receipt_id, counts={t: len(k) for t, k in plan.keys.items()})
-    return plan, found
+    return plan, found.vectors
 
 
-def _store_plan(
-    store: ObjectStore, plan: Plan, vectors: list[np.ndarray], thumbnails: list[bytes], op: Outcome
-) -> None:
-    """Vectors (and the probes' thumbnails) first, the plan last: a journal exists once its plan does, and then
-    it is whole."""
+def _store_plan(store: ObjectStore, plan: Plan, vectors: list[np.ndarray], op: Outcome) -> None:
+    """Vectors first, the plan last: a journal exists once its plan does, and then it is whole."""
     buffer = io.BytesIO()
-    crops: dict[str, Any] = {f"{THUMBNAIL}{i}": np.frombuffer(t, np.uint8) for i, t in enumerate(thumbnails)}
-    np.savez(buffer, *[np.asarray(v, np.float32) for v in vectors], **crops)
+    np.savez(buffer, *[np.asarray(v, np.float32) for v in vectors])
     store.create(plan.prefix + "vectors.npz", buffer.getvalue())
     body = asdict(plan) | {"intent_seq": op.intent["seq"]}
     crash_point("erase:before-plan")
@@ -217,7 +210,7 @@ def _execute(settings: Settings, gallery: Gallery, log: AuditLog, plan: Plan, op
     if store.read(_receipt_key(plan)) is None:
         if _failed_attempts(store, plan):  # a retry: fixing the cause (deleting a stray copy) left versions too
             versions = _add_counts(versions, _object_versions(settings))
-        result = checks(settings, gallery, plan, _vectors(store, plan), _thumbnails(store, plan))
+        result = checks(settings, gallery, plan, _vectors(store, plan))
         if not all(c["passed"] for c in result):
             attempt = len(_failed_attempts(store, plan)) + 1
             store.create(f"{plan.prefix}checks-failed-{attempt:03d}.json", json.dumps(result, default=str).encode())
@@ -337,23 +330,12 @@ def _failed_attempts(store: ObjectStore, plan: Plan) -> list[str]:
     return [n for n in store.list(plan.prefix) if "/checks-failed-" in n]
 
 
-THUMBNAIL = "thumbnail_"  # their names in vectors.npz (the vectors are its positional arrays, arr_<i>)
-
-
 def _vectors(store: ObjectStore, plan: Plan) -> list[np.ndarray]:
     data = store.read(plan.prefix + "vectors.npz")
     if data is None:
         return []
     with np.load(io.BytesIO(data)) as archive:
-        return [archive[k] for k in archive.files if not k.startswith(THUMBNAIL)]
-
-
-def _thumbnails(store: ObjectStore, plan: Plan) -> list[bytes]:
-    data = store.read(plan.prefix + "vectors.npz")
-    if data is None:
-        return []
-    with np.load(io.BytesIO(data)) as archive:
-        return [archive[k].tobytes() for k in archive.files if k.startswith(THUMBNAIL)]
+        return [archive[k] for k in archive.files]
 
 
 def _close_original(store: ObjectStore, log: AuditLog, plan: Plan) -> None:

@@ -46,7 +46,6 @@ class Found:
     image_ids: list[str] = field(default_factory=list)
     probes: set[tuple[str, str]] = field(default_factory=set)
     vectors: list[np.ndarray] = field(default_factory=list)
-    thumbnails: list[bytes] = field(default_factory=list)  # the erased probes' face crops
 
 
 def selectors(image_id: str | None, subject_id: str | None, source_id: str | None) -> Selector:
@@ -92,14 +91,9 @@ def find_rows(gallery: Gallery, selector: Selector) -> Found:
     rows = _read(gallery, "quarantine", ["quarantine_id", "item_id"], more["quarantine"])
     out.keys["quarantine"] = rows.get("quarantine_id", [])
     out.image_ids = sorted(set(out.image_ids) | {i for i in rows.get("item_id", []) if len(i) == 64})
-    probes = gallery.open("probes")
-    columns = ["probe_key", "vector"] + (
-        ["thumbnail"] if probes is not None and "thumbnail" in probes.schema.names else []
-    )
-    rows = _read(gallery, "probes", columns, more["probes"])
+    rows = _read(gallery, "probes", ["probe_key", "vector"], more["probes"])
     out.keys["probes"] = rows.get("probe_key", [])
     out.vectors += rows.get("vector", [])
-    out.thumbnails += [t for t in rows.get("thumbnail", []) if t]
     out.probes = {(k.split("/", 1)[0], k.split("/", 1)[1]) for k in out.keys["probes"]}
     return out
 
@@ -287,35 +281,7 @@ def drop_with_versions(storage: Storage, key: str) -> None:
     store.delete_versions([v for v in store.versions(key[: key.rfind("/") + 1]) if v.key == key])
 
 
-def thumbnail_patterns(thumbnails: list[bytes]) -> list[bytes]:
-    """64 bytes from the middle of each erased thumbnail (inside the JPEG's entropy-coded data): found anywhere,
-    the crop is still there."""
-    return [t[len(t) // 2 : len(t) // 2 + 64] for t in thumbnails]
-
-
-def _thumbnail_check(settings: Settings, gallery: Gallery, plan: Plan, thumbnails: list[bytes]) -> dict[str, Any]:
-    patterns = thumbnail_patterns(thumbnails)
-    kept: set[bytes] = set()
-    table = gallery.open("probes")
-    if patterns and table is not None and "thumbnail" in table.schema.names:  # the same photo in a kept probe
-        held = {t for t in gallery.read("probes", columns=["thumbnail"]).column("thumbnail").to_pylist() if t}
-        kept = {p for p, t in zip(patterns, thumbnails, strict=True) if t in held}
-    hits = scan_hits(settings.storage, patterns, {plan.prefix + "vectors.npz"}) if patterns else []
-    failing = sorted({f for f, i in hits if patterns[i] not in kept})
-    complete = len(thumbnails) == plan.thumbnails
-    return {
-        "check": "byte scan of every object (and every noncurrent object version) under GALLERYMATCH_HOME "
-        "for the erased probes' thumbnails (face crops)",
-        "thumbnails": len(thumbnails),
-        "files_with_hits": failing,
-        "passed": not failing and complete,
-        "detail": str(failing) if complete else "the erased thumbnails to scan for are missing",
-    }
-
-
-def checks(
-    settings: Settings, gallery: Gallery, plan: Plan, vectors: list[np.ndarray], thumbnails: list[bytes] | None = None
-) -> list[dict[str, Any]]:
+def checks(settings: Settings, gallery: Gallery, plan: Plan, vectors: list[np.ndarray]) -> list[dict[str, Any]]:
     patterns = vector_patterns(vectors)
     shared = kept_vector_bytes(gallery, VECTOR_TABLES, {patterns[i] for i in range(0, len(patterns), 2)})
     hits = scan_hits(settings.storage, patterns, {plan.prefix + "vectors.npz"})
@@ -341,7 +307,6 @@ def checks(
             "passed": not failing and len(vectors) == plan.vectors,
             "detail": "the erased vectors to scan for are missing" if len(vectors) != plan.vectors else detail,
         },
-        _thumbnail_check(settings, gallery, plan, list(thumbnails or [])),
         {"check": "no planned row left in any table", "left": left, "passed": not any(left.values()), "detail": ""},
         {"check": "no result set names the person", "runs": named, "passed": not named, "detail": str(named)},
         {

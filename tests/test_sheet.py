@@ -212,30 +212,3 @@ def test_a_sheet_is_refused_inside_the_home_and_for_unknown_runs(world: World, t
     with pytest.raises(Refused, match="local folder"):
         write_review_sheet(settings, world.run["run_id"], "s3://bucket/x", "analyst-1")
     assert not [r for r in AuditLog.of(settings).records() if r["action"] == "results.sheet"]
-
-
-@pytest.mark.slow
-def test_erasing_an_image_that_was_also_a_probe_photo_removes_its_thumbnail_and_scans_for_it(
-    world: World, tmp_path: Path
-) -> None:
-    """A probe photo that is a gallery image's exact bytes goes with that image's erasure (`photo_sha256`): the
-    probe row, its vector and its thumbnail; the receipt's byte scan looks for the thumbnail too."""
-    import hashlib
-
-    from lance_tables.watchlists import read_thumbnails
-
-    settings = world.settings
-    photo = (world.root / "images" / "astronaut.jpg").read_bytes()
-    probes = tmp_path / "probes"
-    probes.mkdir()
-    (probes / "same-as-gallery.jpg").write_bytes(photo)
-    sub = Submission(probes, "erasure", "CASE-10", "criminal-investigation", "test", "analyst-1", "face", FACE, 5)
-    wl = submit(settings, sub)
-    [thumb] = [t for t in read_thumbnails(Gallery(settings.storage), wl["watchlist_id"]).values() if t]
-    pattern = thumb[len(thumb) // 2 : len(thumb) // 2 + 64]
-    assert scan_for(settings.storage, [pattern])  # negative control
-    receipt = erase(settings, "subject request", "dpo-1", image_id=hashlib.sha256(photo).hexdigest())
-    [check] = [c for c in receipt["checks"] if "thumbnails" in c["check"]]
-    assert check["passed"] and check["thumbnails"] == 1 and check["files_with_hits"] == []
-    assert scan_for(settings.storage, [pattern]) == []
-    assert read_thumbnails(Gallery(settings.storage), wl["watchlist_id"]) == {}
